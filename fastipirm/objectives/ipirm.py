@@ -1,0 +1,151 @@
+"""The two IP-IRM objectives, built on one call of :func:`fastipirm.ops.env_contrastive_loss`.
+
+* :func:`minimization_loss`: the encoder's loss of the official ``train_env`` (spec section 6.2):
+  ``L_glob (if keep_cont) + mean_{p,k} L_{p,k} + lambda1 * mean_{p,k} R_{p,k}``, divided by
+  ``lambda1`` when ``lambda1 > 1``. All retained partitions and environments are the columns of
+  one hard membership matrix; the global NT-Xent is one more all-ones column of the same call.
+* :func:`maximization_objective`: the partition's objective of ``auto_split_offline``
+  (spec section 7), *minimised* over the partition logits:
+  ``-mean_k (L^soft_k + lambda2 * R^soft_k) + C(q)`` with the balance constraint ``C``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import env_contrastive_loss
+
+OFFICIAL_RELAX_THRESHOLD = 0.6365  # the official literal: H(1/3, 2/3) rounded, K = 2 only
+
+
+def relaxed_entropy_threshold(num_envs: int) -> float:
+    """Entropy threshold of ``constrain_relax`` for K environments.
+
+    K = 2: the official constant 0.6365 (= H(1/3, 2/3)). K > 2 (the official constant only fits
+    K = 2): the entropy of a 2:1:...:1 split, ``H([2, 1, ..., 1] / (K + 1))``, as the qwer1304 fork
+    generalises it. This is a documented extension, not official behaviour.
+    """
+    if num_envs < 2:
+        raise ValueError(f"the balance constraint needs at least 2 environments, got {num_envs}")
+    if num_envs == 2:
+        return OFFICIAL_RELAX_THRESHOLD
+    probs = [2.0 / (num_envs + 1)] + [1.0 / (num_envs + 1)] * (num_envs - 1)
+    return -sum(p * math.log(p) for p in probs)
+
+
+def memberships_from_logits(partitions: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Hard memberships of a batch for every retained partition, as one ``(B, P*K)`` matrix.
+
+    ``partitions`` is ``(P, N, K)`` (logits or probabilities, one row per dataset index);
+    column ``p*K + k`` is 1 where ``argmax_k partitions[p, idx]`` is ``k`` (official hard
+    assignment; ties go to the lowest k, as ``torch.argmax``).
+    """
+    if partitions.dim() != 3:
+        raise ValueError(f"partitions must be (P, N, K), got shape {tuple(partitions.shape)}")
+    p, _, k = partitions.shape
+    assign = partitions[:, indices].argmax(-1)                         # (P, B)
+    onehot = F.one_hot(assign, k).to(torch.float32)                    # (P, B, K)
+    return onehot.permute(1, 0, 2).reshape(indices.shape[0], p * k)
+
+
+def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[torch.Tensor], *,
+                      temperature: float, irm_temperature: float, penalty_weight: float,
+                      keep_cont: bool, backend: Optional[str] = None, penalty: str = "slot",
+                      check_values: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Official minimisation loss over all retained partitions at once.
+
+    Args:
+        z1, z2: ``(B, D)`` normalised projections of the two views.
+        memberships: ``(B, P*K)`` 0/1 matrix (see :func:`memberships_from_logits`), or ``None``
+            for a plain SimCLR step (then ``keep_cont`` must be True).
+        penalty_weight: lambda1 (already scheduled by the caller); the whole loss is divided by
+            it when it exceeds 1, as the official code does.
+        keep_cont: add the global NT-Xent over the whole batch (no penalty on it).
+
+    Returns ``(total, parts)`` with parts ``loss_global``, ``loss_env`` (mean over the P*K
+    columns), ``penalty`` (mean), and the per-column ``env_losses``/``env_penalties``, all
+    detached.
+    """
+    if memberships is None and not keep_cont:
+        raise ValueError("minimization_loss needs memberships, keep_cont=True, or both")
+    batch = z1.shape[0]
+    columns = []
+    if keep_cont:
+        columns.append(torch.ones(batch, 1, dtype=torch.float32, device=z1.device))
+    if memberships is not None:
+        columns.append(memberships.to(device=z1.device, dtype=torch.float32))
+    weights = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
+    losses, penalties = env_contrastive_loss(z1, z2, weights, temperature=temperature,
+                                             irm_temperature=irm_temperature, soft=False,
+                                             backend=backend, penalty=penalty,
+                                             check_values=check_values)
+    zero = losses.new_zeros(())
+    loss_global = losses[0] if keep_cont else zero
+    env_losses = losses[1:] if keep_cont else losses
+    env_penalties = penalties[1:] if keep_cont else penalties
+    if memberships is not None:
+        loss_env, pen = env_losses.mean(), env_penalties.mean()
+    else:
+        loss_env, pen = zero, zero
+    total = loss_global + loss_env + penalty_weight * pen
+    if penalty_weight > 1.0:
+        total = total / penalty_weight
+    parts = {"loss_global": loss_global.detach(), "loss_env": loss_env.detach(),
+             "penalty": pen.detach(), "env_losses": env_losses.detach(),
+             "env_penalties": env_penalties.detach()}
+    return total, parts
+
+
+def _entropy(q: torch.Tensor) -> torch.Tensor:
+    return -(q * torch.log(q.clamp_min(1e-12))).sum(-1)
+
+
+def balance_constraint(q: torch.Tensor, *, constrain: bool, constrain_relax: bool,
+                       nonorm: bool) -> torch.Tensor:
+    """Official balance term ``C(q)`` on the batch's soft memberships ``q`` (B, K).
+
+    * ``constrain`` off: 0;
+    * ``nonorm``: ``0.2 * (-H(mean q) + mean_i H(q_i))`` (balanced but confident);
+    * ``constrain_relax``: ``relu(threshold - H(mean q))``, threshold 0.6365 for K = 2 (see
+      :func:`relaxed_entropy_threshold` for K > 2);
+    * otherwise: ``-H(mean q)``.
+    """
+    if not constrain:
+        return q.new_zeros(())
+    h_mean = _entropy(q.mean(0))
+    if nonorm:
+        return 0.2 * (-h_mean + _entropy(q).mean())
+    if constrain_relax:
+        return F.relu(relaxed_entropy_threshold(q.shape[1]) - h_mean)
+    return -h_mean
+
+
+def maximization_objective(z1: torch.Tensor, z2: torch.Tensor, logits: torch.Tensor, *,
+                           temperature: float, irm_temperature: float, irm_weight: float,
+                           constrain: bool = True, constrain_relax: bool = True,
+                           nonorm: bool = False, backend: Optional[str] = None,
+                           penalty: str = "slot"
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The partition objective J of one feature batch; minimise it over ``logits``.
+
+    ``logits`` are the batch's rows of the partition logits Theta, shape ``(B, K)``; ``z1``,
+    ``z2`` the fixed normalised projections of the batch's two views. Returns ``J`` and parts
+    ``loss`` (mean_k L^soft_k), ``penalty`` (mean_k R^soft_k) and ``constraint`` (detached).
+    J is expected to be negative: it is the negated adversarial objective (IP-IRM issue #3).
+    """
+    if logits.dim() != 2 or logits.shape[0] != z1.shape[0]:
+        raise ValueError(f"logits must be (B={z1.shape[0]}, K), got {tuple(logits.shape)}")
+    q = torch.softmax(logits.float(), dim=1)
+    losses, penalties = env_contrastive_loss(z1, z2, q, temperature=temperature,
+                                             irm_temperature=irm_temperature, soft=True,
+                                             backend=backend, penalty=penalty, nonorm=nonorm,
+                                             check_values=False)
+    loss, pen = losses.mean(), penalties.mean()
+    constraint = balance_constraint(q, constrain=constrain, constrain_relax=constrain_relax,
+                                    nonorm=nonorm)
+    objective = -(loss + irm_weight * pen) + constraint
+    return objective, {"loss": loss.detach(), "penalty": pen.detach(),
+                       "constraint": constraint.detach()}

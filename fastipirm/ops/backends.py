@@ -1,0 +1,125 @@
+"""Backend registry of ``env_contrastive_loss``: which implementations exist, which work here.
+
+A backend is a function with the signature of
+:func:`fastipirm.ops.torch_backend.env_contrastive_loss_torch` (inputs already validated).
+Backends register lazily: a loader is only called when the backend is first asked for, so a
+machine without Triton or without the compiled extension still imports the package.
+
+Selection rules (the Liger-Kernel convention):
+
+* ``backend="name"`` (or ``FASTIPIRM_BACKEND=name``): that backend or an error saying why it
+  cannot run here;
+* ``backend=None`` / ``"auto"``: the first available backend in :data:`AUTO_ORDER` for the
+  inputs' device; when a preferred one is unavailable the op falls back and says so once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: tuple[str, ...]          # device types whose tensors it accepts
+    loader: Callable[[], Callable]    # returns the implementation or raises with the reason
+    _impl: Optional[Callable] = None
+    _error: Optional[str] = None
+
+    def load(self) -> Optional[Callable]:
+        if self._impl is None and self._error is None:
+            try:
+                self._impl = self.loader()
+            except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+                self._error = f"{type(exc).__name__}: {exc}"
+        return self._impl
+
+    @property
+    def error(self) -> Optional[str]:
+        self.load()
+        return self._error
+
+
+def _load_torch():
+    from .torch_backend import env_contrastive_loss_torch
+    return env_contrastive_loss_torch
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", ("cpu", "cuda"), _load_torch),
+}
+
+# Preferred order when the backend is chosen automatically, per device type.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("torch",),
+    "cpu": ("torch",),
+}
+
+_warned: set[str] = set()
+
+
+def register_backend(name: str, devices: tuple[str, ...], loader: Callable[[], Callable],
+                     auto_rank: Optional[dict[str, int]] = None) -> None:
+    """Add a backend; ``auto_rank`` maps a device type to its position in :data:`AUTO_ORDER`."""
+    BACKENDS[name] = Backend(name, devices, loader)
+    for device, rank in (auto_rank or {}).items():
+        order = [b for b in AUTO_ORDER.get(device, ()) if b != name]
+        order.insert(rank, name)
+        AUTO_ORDER[device] = tuple(order)
+
+
+def available_backends(device: Optional[str] = None) -> list[str]:
+    """Names of the backends that load on this machine (for ``device`` type if given)."""
+    return [b.name for b in BACKENDS.values()
+            if (device is None or device in b.devices) and b.load() is not None]
+
+
+def backend_report() -> list[tuple[str, bool, str]]:
+    """``(name, available, reason or devices)`` for every known backend."""
+    rows = []
+    for b in BACKENDS.values():
+        ok = b.load() is not None
+        rows.append((b.name, ok, ",".join(b.devices) if ok else (b.error or "")))
+    return rows
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> tuple[str, Callable]:
+    """Pick the implementation for tensors on ``device`` (see the module docstring)."""
+    explicit = backend not in (None, "auto")
+    if not explicit:
+        env = os.environ.get("FASTIPIRM_BACKEND", "").strip()
+        if env and env != "auto":
+            backend, explicit = env, True
+    if explicit:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known backends: {sorted(BACKENDS)}")
+        b = BACKENDS[backend]
+        if device.type not in b.devices:
+            raise ValueError(f"backend {backend!r} does not run on {device.type} tensors "
+                             f"(it runs on: {', '.join(b.devices)})")
+        impl = b.load()
+        if impl is None:
+            raise RuntimeError(f"backend {backend!r} was requested but is not available here: "
+                               f"{b.error}")
+        return backend, impl
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    for i, name in enumerate(order):
+        impl = BACKENDS[name].load()
+        if impl is not None:
+            if i > 0:
+                skipped = ", ".join(f"{n} ({BACKENDS[n].error})" for n in order[:i])
+                _warn_once(f"{device.type}:{name}",
+                           f"fastipirm: preferred backend(s) unavailable on {device.type}: "
+                           f"{skipped}; falling back to {name!r}")
+            return name, impl
+    raise RuntimeError(f"no env_contrastive_loss backend is available for {device.type} tensors")

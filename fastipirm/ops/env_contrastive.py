@@ -1,0 +1,136 @@
+"""The public op: contrastive loss and IRM penalty for every environment column at once."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .backends import resolve_backend
+from .penalties import PENALTIES
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_temperature(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _compiling() -> bool:
+    return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
+
+
+def validate_inputs(z1, z2, env_weights, *, temperature, irm_temperature, soft, penalty,
+                    check_values: bool = True) -> None:
+    """Raise ``ValueError`` naming the problem with the op's inputs.
+
+    Value checks (weights in [0, 1] or exactly 0/1) read the tensor and so synchronise with the
+    device; they are skipped with ``check_values=False`` and while ``torch.compile`` traces.
+    """
+    for name, z in (("z1", z1), ("z2", z2), ("env_weights", env_weights)):
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(z.shape)}")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    batch, dim = z1.shape
+    if batch == 0:
+        raise ValueError("the batch is empty (B=0): z1 and z2 need at least one row")
+    if dim == 0:
+        raise ValueError("the feature dimension is 0: z1 and z2 need at least one column")
+    for name, z in (("z1", z1), ("z2", z2)):
+        if z.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {z.dtype}")
+    if z1.dtype != z2.dtype:
+        raise ValueError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    if env_weights.shape[0] != batch:
+        raise ValueError(f"env_weights must have one row per sample: shape (B={batch}, M), got "
+                         f"{tuple(env_weights.shape)}")
+    if env_weights.shape[1] == 0:
+        raise ValueError("env_weights has no environment column (M=0)")
+    if z1.device != z2.device or env_weights.device != z1.device:
+        raise ValueError(f"z1, z2 and env_weights must be on one device, got {z1.device}, "
+                         f"{z2.device} and {env_weights.device}")
+    if soft and not env_weights.is_floating_point():
+        raise ValueError(f"soft env_weights must be floating point, got {env_weights.dtype}")
+    _check_temperature("temperature", temperature)
+    _check_temperature("irm_temperature", irm_temperature)
+    if not isinstance(soft, bool):
+        raise ValueError(f"soft must be True or False, got {soft!r}")
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
+    if not check_values or _compiling():
+        return
+    w = env_weights.detach()
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        raise ValueError("env_weights contains NaN or infinite values")
+    if soft:
+        if bool((w < 0).any()) or bool((w > 1).any()):
+            raise ValueError(f"soft env_weights must lie in [0, 1] (probabilities); got values in "
+                             f"[{w.min().item():.4g}, {w.max().item():.4g}]")
+    elif not bool(((w == 0) | (w == 1)).all()):
+        bad = w[(w != 0) & (w != 1)][0].item()
+        raise ValueError(f"hard env_weights must be 0/1 memberships (soft=False); found {bad!r}. "
+                         "Pass soft=True for probabilities.")
+
+
+def env_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
+                         temperature: float, irm_temperature: float, soft: bool,
+                         backend: Optional[str] = None, penalty: str = "slot",
+                         nonorm: bool = False, check_values: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR NT-Xent and IRM penalty of every environment column, in one call.
+
+    Args:
+        z1, z2: ``(B, D)`` L2-normalised projections of the two views of the same B samples
+            (float16, bfloat16, float32 or float64, same dtype and device).
+        env_weights: ``(B, M)``, one column per environment (M = partitions x environments).
+            ``soft=False``: 0/1 memberships (bool, integer or float). ``soft=True``:
+            probabilities in [0, 1].
+        temperature: tau of the contrastive loss.
+        irm_temperature: temperature of the logits inside the penalty (official ``irm_temp``).
+        soft: ``False`` for the minimisation step, ``True`` for the maximisation step.
+        backend: ``None``/``"auto"`` picks the fastest available one for the device (and falls
+            back with one warning); a name (see :func:`available_backends`) insists on it.
+        penalty: ``"slot"`` (official per-slot dummy), ``"scalar"`` (IRMv1), ``"split"``
+            (even/odd-row unbiased product), ``"scalar_split"`` (DomainBed); see
+            :mod:`fastipirm.ops.penalties`.
+        nonorm: soft mode only: normalise the anchor-weighted loss by ``2B`` instead of the sum
+            of the anchor weights (official ``--nonorm``). Ignored in hard mode.
+        check_values: also check the weights' values (one device synchronisation).
+
+    Returns:
+        ``(loss, penalty)``, each of shape ``(M,)``; float32 for float16/bfloat16/float32 inputs,
+        float64 for float64 inputs.
+
+    Hard mode (``soft=False``): ``loss[m]`` is SimCLR's NT-Xent restricted to the members of
+    column m (anchors and negatives only from the members, mean over their ``2b`` anchors), and
+    ``penalty[m]`` the official per-slot penalty: the squared norm of the gradient of that
+    cross-entropy, on logits divided by ``irm_temperature``, w.r.t. a vector of ones with one
+    entry per logit column slot (positive first, then the negatives in ascending order of the
+    environment's concatenated order). Not differentiable w.r.t. ``env_weights``.
+
+    Soft mode (``soft=True``): ``loss[m]`` is the official "v2" soft loss: negatives reweighted
+    by their sample's probability and renormalised to sum to ``2B-2`` per row, positive weight 1,
+    anchor-weighted mean normalised by the sum of anchor weights; ``penalty[m]`` the same
+    per-slot penalty of that soft loss. Differentiable w.r.t. z1, z2 and env_weights.
+
+    Deviations from the official code: an empty environment (or an all-zero soft column) gives
+    loss 0 and penalty 0 with zero gradient where the official code gives NaN; a soft row whose
+    negatives all have weight 0 has a negative term of 0 instead of NaN.
+    """
+    validate_inputs(z1, z2, env_weights, temperature=temperature,
+                    irm_temperature=irm_temperature, soft=soft, penalty=penalty,
+                    check_values=check_values)
+    _, impl = resolve_backend(backend, z1.device)
+    if not env_weights.is_floating_point():
+        env_weights = env_weights.to(torch.float32)
+    return impl(z1, z2, env_weights, temperature=float(temperature),
+                irm_temperature=float(irm_temperature), soft=soft, penalty=penalty,
+                nonorm=bool(nonorm))

@@ -1,0 +1,247 @@
+"""env_contrastive_loss (every CPU-capable backend) against the literal float64 reference.
+
+Fresh random inputs every run: a failing case prints its seed so it can be replayed with
+``FASTIPIRM_TEST_SEED=<seed>``.
+"""
+import itertools
+import os
+import random
+
+import pytest
+import torch
+
+from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, relative_error
+from fastipirm.ops import (PENALTIES, available_backends, env_contrastive_loss,
+                           env_contrastive_loss_reference)
+
+BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # triton: test_triton_backend
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("FASTIPIRM_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(s)
+    return s
+
+
+def make(case: Case, dtype=torch.float32):
+    z1 = torch.nn.functional.normalize(torch.randn(case.batch, case.dim), dim=1)
+    z2 = torch.nn.functional.normalize(torch.randn(case.batch, case.dim), dim=1)
+    if case.soft:
+        w = torch.rand(case.batch, case.envs)
+    else:
+        w = (torch.rand(case.batch, case.envs) < 0.5).float()
+    if case.special == "empty":
+        w[:, 0] = 0
+    if case.special == "single":
+        w[:, 0] = 0
+        w[case.batch // 2, 0] = 1
+    if case.special == "equal":
+        w[:] = 0.3 if case.soft else 1.0
+    return z1.to(dtype), z2.to(dtype), w
+
+
+def run(fn, z1, z2, w, soft, up):
+    z1 = z1.detach().clone().requires_grad_()
+    z2 = z2.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_(soft)
+    loss, pen = fn(z1, z2, w)
+    ins = [z1, z2] + ([w] if soft else [])
+    total = (loss * up[0].to(loss.dtype)).sum() + (pen * up[1].to(pen.dtype)).sum()
+    grads = torch.autograd.grad(total, ins, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
+    return [loss.detach(), pen.detach()] + [g.detach() for g in grads]
+
+
+def kwargs(case):
+    return dict(temperature=case.temperature, irm_temperature=case.irm_temperature,
+                soft=case.soft, penalty=case.penalty, nonorm=case.nonorm)
+
+
+def reference(case, z1, z2, w, up, dtype=torch.float64):
+    return run(lambda a, b, c: env_contrastive_loss_reference(a, b, c, **kwargs(case)),
+               z1.to(dtype), z2.to(dtype), w.to(dtype), case.soft,
+               [u.to(dtype) for u in up])
+
+
+def backend_out(backend, case, z1, z2, w, up):
+    return run(lambda a, b, c: env_contrastive_loss(a, b, c, backend=backend, **kwargs(case)),
+               z1, z2, w, case.soft, up)
+
+
+SWEEP = [Case(b, d, m, soft, "slot")
+         for b, d, m, soft in itertools.product((1, 2, 5, 37, 300), (3, 16, 128), (1, 2, 16),
+                                                (False, True))]
+SPECIAL = [Case(37, 16, 3, soft, pen, special=sp)
+           for soft, pen, sp in itertools.product((False, True), PENALTIES,
+                                                  ("empty", "single", "equal"))]
+VARIANTS = [Case(b, 16, 3, soft, pen, temperature=t, nonorm=nonorm)
+            for b, soft, pen, t, nonorm in itertools.product(
+                (2, 37), (False, True), PENALTIES, (0.5, 0.2), (False, True))
+            if soft or not nonorm]
+NAMES = ["outputs: loss", "penalty", "grad z1", "grad z2", "grad weights"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SWEEP + SPECIAL + VARIANTS, ids=str)
+def test_fp32_against_float64_reference(backend, case, seed):
+    z1, z2, w = make(case)
+    up = (torch.randn(case.envs), torch.randn(case.envs))
+    want = reference(case, z1, z2, w, up)
+    got = backend_out(backend, case, z1, z2, w, up)
+    assert got[0].dtype == torch.float32 and got[0].shape == (case.envs,)
+    assert got[1].dtype == torch.float32 and got[1].shape == (case.envs,)
+    for i, (name, g, r) in enumerate(zip(NAMES, got, want)):
+        assert torch.isfinite(g).all(), f"{name} not finite (seed {seed})"
+        err = relative_error(g, r, VALUE_FLOOR if i < 2 else GRADIENT_FLOOR)
+        assert err < 1e-4, f"{name}: relative error {err:.3e} (seed {seed})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("case", [Case(37, 128, 16, False, "slot"), Case(37, 128, 16, True, "slot"),
+                                  Case(5, 16, 2, True, "split"), Case(64, 32, 3, False, "scalar")],
+                         ids=str)
+def test_low_precision_within_twice_torch_error(backend, case, dtype, floor, seed):
+    """Inputs in bf16/fp16: error vs the fp64 truth <= 2 x PyTorch's own error in that dtype."""
+    z1, z2, w = make(case)
+    up = (torch.randn(case.envs), torch.randn(case.envs))
+    truth = reference(case, z1, z2, w, up)
+    torch_in_dtype = reference(case, z1.to(dtype), z2.to(dtype), w, up, dtype=dtype)
+    got = backend_out(backend, case, z1.to(dtype), z2.to(dtype), w, up)
+    assert got[0].dtype == torch.float32
+    for name, g, t, r in zip(NAMES, got, torch_in_dtype, truth):
+        scale = max(r.abs().max().item(), 1e-6)
+        err = (g.double() - r.double()).abs().max().item() / scale
+        allowed = 2 * (t.double() - r.double()).abs().max().item() / scale + floor
+        assert err <= allowed, f"{name}: {err:.3e} > {allowed:.3e} (seed {seed})"
+
+
+def test_empty_environment_is_zero_with_zero_gradient():
+    z1, z2, w = make(Case(9, 8, 2, False, "slot"))
+    w[:, 1] = 0
+    z1.requires_grad_()
+    loss, pen = env_contrastive_loss(z1, z2, w, temperature=0.5, irm_temperature=0.5, soft=False)
+    assert loss[1] == 0 and pen[1] == 0
+    (g,) = torch.autograd.grad(loss[1] + pen[1], z1)
+    assert torch.count_nonzero(g) == 0
+
+
+def test_uniform_soft_weights_reduce_to_ntxent():
+    """With equal weights the v2 soft loss is plain NT-Xent (spec section 5)."""
+    z1, z2, _ = make(Case(11, 8, 1, True, "slot"))
+    soft, _ = env_contrastive_loss(z1, z2, torch.full((11, 1), 0.7), temperature=0.5,
+                                   irm_temperature=0.5, soft=True)
+    hard, _ = env_contrastive_loss(z1, z2, torch.ones(11, 1), temperature=0.5,
+                                   irm_temperature=0.5, soft=False)
+    assert torch.allclose(soft, hard, rtol=1e-5)
+
+
+def test_hard_mode_columns_are_independent_of_each_other():
+    """Column m's result only depends on column m (no leakage between environments)."""
+    z1, z2, w = make(Case(20, 8, 4, False, "slot"))
+    full = env_contrastive_loss(z1, z2, w, temperature=0.5, irm_temperature=0.5, soft=False)
+    for m in range(4):
+        one = env_contrastive_loss(z1, z2, w[:, m:m + 1], temperature=0.5, irm_temperature=0.5,
+                                   soft=False)
+        assert torch.allclose(full[0][m], one[0][0]) and torch.allclose(full[1][m], one[1][0])
+
+
+def test_penalty_variants_differ_as_documented():
+    """scalar = (sum of slot gradients)^2 <= (#slots) * slot penalty; all finite and >= 0."""
+    z1, z2, w = make(Case(16, 8, 2, False, "slot"))
+    out = {p: env_contrastive_loss(z1, z2, w, temperature=0.5, irm_temperature=0.5, soft=False,
+                                   penalty=p)[1] for p in PENALTIES}
+    assert (out["slot"] >= 0).all() and (out["scalar"] >= 0).all()
+    n_slots = 2 * w.sum(0) - 1
+    assert (out["scalar"] <= n_slots * out["slot"] + 1e-6).all()
+    assert not torch.allclose(out["slot"], out["scalar"])
+
+
+# ---------------------------------------------------------------- input validation
+GOOD = dict(temperature=0.5, irm_temperature=0.5, soft=False)
+
+
+def _inputs(b=4, d=3, m=2):
+    return torch.randn(b, d), torch.randn(b, d), torch.ones(b, m)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda z1, z2, w, kw: (z1, z2[:3], w, kw), "same shape"),
+    (lambda z1, z2, w, kw: (z1[0], z2[0], w, kw), "2-D"),
+    (lambda z1, z2, w, kw: (z1[:0], z2[:0], w[:0], kw), "B=0"),
+    (lambda z1, z2, w, kw: (z1, z2, w[:3], kw), "one row per sample"),
+    (lambda z1, z2, w, kw: (z1, z2, w * 0.5, kw), "0/1 memberships"),
+    (lambda z1, z2, w, kw: (z1, z2, w * 2, {**kw, "soft": True}), r"\[0, 1\]"),
+    (lambda z1, z2, w, kw: (z1, z2, -w, {**kw, "soft": True}), r"\[0, 1\]"),
+    (lambda z1, z2, w, kw: (z1, z2, w, {**kw, "temperature": 0.0}), "temperature"),
+    (lambda z1, z2, w, kw: (z1, z2, w, {**kw, "irm_temperature": -1.0}), "irm_temperature"),
+    (lambda z1, z2, w, kw: (z1, z2, w, {**kw, "temperature": float("nan")}), "temperature"),
+    (lambda z1, z2, w, kw: (z1, z2, w, {**kw, "backend": "nope"}), "unknown backend"),
+    (lambda z1, z2, w, kw: (z1, z2, w, {**kw, "penalty": "l2"}), "unknown penalty"),
+    (lambda z1, z2, w, kw: (z1.long(), z2.long(), w, kw), "float16, bfloat16"),
+    (lambda z1, z2, w, kw: (z1, z2.double(), w, kw), "same dtype"),
+    (lambda z1, z2, w, kw: (z1, z2, w[:, :0], kw), "M=0"),
+    (lambda z1, z2, w, kw: (z1, z2, w * float("nan"), kw), "NaN"),
+])
+def test_bad_input_is_a_clear_value_error(mutate, match):
+    z1, z2, w, kw = mutate(*_inputs(), dict(GOOD))
+    with pytest.raises(ValueError, match=match):
+        env_contrastive_loss(z1, z2, w, **kw)
+
+
+def test_bool_memberships_are_accepted_in_hard_mode():
+    z1, z2, w = _inputs()
+    a = env_contrastive_loss(z1, z2, w.bool(), **GOOD)
+    b = env_contrastive_loss(z1, z2, w, **GOOD)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_explicit_unavailable_backend_is_an_error(monkeypatch):
+    from fastipirm.ops import backends
+    monkeypatch.setitem(backends.BACKENDS, "broken", backends.Backend(
+        "broken", ("cpu",), lambda: (_ for _ in ()).throw(ImportError("not built"))))
+    with pytest.raises(RuntimeError, match="not available here.*not built"):
+        env_contrastive_loss(*_inputs(), backend="broken", **GOOD)
+
+
+def test_auto_backend_falls_back_and_says_so_once(monkeypatch):
+    from fastipirm.ops import backends
+    monkeypatch.setitem(backends.BACKENDS, "broken", backends.Backend(
+        "broken", ("cpu",), lambda: (_ for _ in ()).throw(ImportError("not built"))))
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("broken", "torch"))
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.delenv("FASTIPIRM_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="falling back to 'torch'"):
+        env_contrastive_loss(*_inputs(), **GOOD)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env_contrastive_loss(*_inputs(), **GOOD)
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTIPIRM_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        env_contrastive_loss(*_inputs(), **GOOD)
+
+
+# ---------------------------------------------------------------- compile: no graph break, no sync
+@pytest.mark.parametrize("soft", [False, True])
+def test_torch_backend_compiles_fullgraph_with_backward(soft):
+    z1, z2, w = make(Case(12, 8, 3, soft, "slot"))
+
+    def step(a, b, c):
+        loss, pen = env_contrastive_loss(a, b, c, temperature=0.5, irm_temperature=0.4,
+                                         soft=soft, backend="torch")
+        return loss.sum() + 0.2 * pen.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a, b, c = (t.clone().requires_grad_(soft or i < 2) for i, t in enumerate((z1, z2, w)))
+    out = compiled(a, b, c)
+    out.backward()
+    a2, b2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    ref = step(a2, b2, w)
+    ref.backward()
+    assert torch.allclose(out, ref, rtol=1e-5)
+    assert torch.allclose(a.grad, a2.grad, rtol=1e-4, atol=1e-6)
