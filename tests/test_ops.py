@@ -245,3 +245,26 @@ def test_torch_backend_compiles_fullgraph_with_backward(soft):
     ref.backward()
     assert torch.allclose(out, ref, rtol=1e-5)
     assert torch.allclose(a.grad, a2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [Case(37, 16, 3, soft, pen, temperature=0.2, nonorm=nonorm)
+                                  for soft, pen, nonorm in [(False, "slot", False),
+                                                            (True, "slot", False),
+                                                            (True, "split", True),
+                                                            (False, "scalar_split", False)]],
+                         ids=str)
+@pytest.mark.parametrize("elements", [1, 7 * 74])
+def test_torch_backend_row_blocks_give_the_same_result(case, elements, monkeypatch, seed):
+    """The torch backend streams over row blocks; 1 row and 7 rows per block change nothing."""
+    from fastipirm.ops import torch_backend
+    z1, z2, w = make(case)
+    up = (torch.randn(case.envs), torch.randn(case.envs))
+    whole = backend_out("torch", case, z1, z2, w, up)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", elements)
+    assert torch_backend.chunk_rows(74) == max(1, elements // 74) < 74
+    blocked = backend_out("torch", case, z1, z2, w, up)
+    want = reference(case, z1, z2, w, up)
+    for i, (name, a, b, r) in enumerate(zip(NAMES, whole, blocked, want)):
+        floor = VALUE_FLOOR if i < 2 else GRADIENT_FLOOR
+        assert relative_error(b, r, floor) < 1e-4, f"{name} (seed {seed})"
+        assert relative_error(a, b, floor) < 1e-5, f"{name} (seed {seed})"
