@@ -10,22 +10,15 @@ reference, prints a table and writes a JSON record (host, versions, date, comman
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastipirm.ops import available_backends, env_contrastive_loss, env_contrastive_loss_reference
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .harness import save_record
 
 
 def _inputs(batch, dim, envs, soft, sets):
@@ -52,17 +45,9 @@ def time_fwd_bwd(fn, inputs, soft, repeats, warmup=1):
         dt = (time.perf_counter() - t0) * 1e3
         if i >= warmup:
             times.append(dt)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
             "repeats": repeats}
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):
@@ -98,23 +83,10 @@ def main(argv=None):
     for r in rows:
         print(f"{r['mode']:<5} {r['impl']:<10} {r['median_ms']:>10.2f} {r['p20_ms']:>9.2f} "
               f"{r['p80_ms']:>9.2f} {r['speedup_vs_reference']:>12.1f}")
-    record = {
-        "benchmark": "bench.cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.cpu"] +
-                            list(argv if argv is not None else sys.argv[1:])),
-        "host": {"machine": platform.machine(), "processor": platform.processor(),
-                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "git_commit": _git_commit(),
-        "shape": {"batch": args.batch, "dim": args.dim, "envs": args.envs},
-        "rows": rows,
-    }
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = RESULTS / f"cpu_B{args.batch}_D{args.dim}_M{args.envs}_{stamp}.json"
-        path.write_text(json.dumps(record, indent=2))
-        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+        path = save_record("cpu_ops", {"benchmark": "bench.cpu", "shape": {
+            "batch": args.batch, "dim": args.dim, "envs": args.envs}, "rows": rows})
+        print(f"wrote {path}")
     return rows
 
 

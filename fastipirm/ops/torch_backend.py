@@ -143,12 +143,15 @@ def _blocks(feats: torch.Tensor, s: _Setup):
         yield blk, feats[blk.rows] @ feats.T
 
 
-def _forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
-    feats = torch.cat([z1, z2])
-    s = _Setup(w, soft, nonorm, penalty)
+def forward_rows(feats, s: _Setup, temperature: float, irm_temperature: float):
+    """The streamed part of the forward: ``(loss_sum (M,), g_pos (G,), col_sums [3 x (N, G)])``.
+
+    ``loss_sum`` is ``sum_a w2 (log Z - x_pos)``, ``g_pos`` the positive slot's gradient and
+    ``col_sums[b] = (K * band_b)^T @ rc`` the band column reductions of the penalty.
+    """
     loss_sum = torch.zeros_like(s.total)
     g_pos = torch.zeros(s.w2g.shape[1], dtype=feats.dtype, device=feats.device)
-    col_sums = [torch.zeros_like(s.w2g) for _ in _SHIFTS]                 # (K * band)^T @ rc
+    col_sums = [torch.zeros_like(s.w2g) for _ in _SHIFTS]
     for blk, sim in _blocks(feats, s):
         r = blk.rows
         p = _path(sim, blk, s, temperature)
@@ -163,6 +166,14 @@ def _forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
         k = p["exp_neg"] * p["x"]
         for b, band in enumerate(blk.bands):
             col_sums[b] = col_sums[b] + (k * band).T @ row_coef
+    return loss_sum, g_pos, col_sums
+
+
+def _forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature, rows=forward_rows):
+    """Loss, penalty and the slot gradients ``g``; ``rows`` is the streamed part (torch or C++)."""
+    feats = torch.cat([z1, z2])
+    s = _Setup(w, soft, nonorm, penalty)
+    loss_sum, g_pos, col_sums = rows(feats, s, temperature, irm_temperature)
     g = torch.zeros(s.w2g.shape[1], s.slots, dtype=feats.dtype, device=feats.device)
     for acc, shift in zip(col_sums, _SHIFTS):
         acc = s.w2g * acc
@@ -176,26 +187,15 @@ def _forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
     return loss, s.valid * pen, g
 
 
-def _backward(z1, z2, w, g, d_loss, d_pen, soft, nonorm, penalty, temperature, irm_temperature):
-    """Closed-form gradients w.r.t. z1, z2 and (soft) w, recomputing the similarity by rows."""
-    feats = torch.cat([z1, z2])
-    s = _Setup(w, soft, nonorm, penalty)
-    batch = s.batch
-    d_loss = d_loss * s.valid
-    d_pen = d_pen * s.valid
-    normc = s.norm.clamp_min(1e-30)
-    if s.split:
-        gamma = torch.cat([g[s.m:] * d_pen[:, None], g[:s.m] * d_pen[:, None]])  # (G, slots)
-    else:
-        gamma = 2.0 * g * d_pen[:, None]
-    gamma0 = gamma[:, 0]
-    # Gamma per band: the slot gradient seen by column c, as a column factor (N, G)
-    if s.slots == 1:
-        gammas = [gamma0.expand_as(s.w2g)] * 3
-    else:
-        gammas = [gamma.gather(1, s.slot_index(shift).T).T for shift in _SHIFTS]
-    col_factors = [gam * s.w2g for gam in gammas]
+def backward_rows(feats, s: _Setup, temperature: float, irm_temperature: float, d_loss, normc,
+                  col_factors, gamma0):
+    """The streamed part of the backward (one pass over row blocks).
 
+    Returns ``d_feats (N, D)`` and, in soft mode, the partial weight gradients: ``d_w2`` (N, M)
+    (anchor weights of the loss and the column weights of the row sums), ``d_kappa`` (N, M),
+    ``d_gw`` (N, G), ``col_sums`` (3 x (N, G), as in the forward) and ``loss_sum`` (M,).
+    """
+    soft = s.soft
     d_feats = torch.zeros_like(feats)
     d_w2 = torch.zeros_like(s.w2)
     d_kappa = torch.zeros_like(s.w2)
@@ -255,6 +255,31 @@ def _backward(z1, z2, w, g, d_loss, d_pen, soft, nonorm, penalty, temperature, i
         d_feats[r] += d_sim @ feats
         d_feats += d_sim.T @ feats[r]
 
+    return d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum
+
+
+def _backward(z1, z2, w, g, d_loss, d_pen, soft, nonorm, penalty, temperature, irm_temperature,
+              rows=backward_rows):
+    """Closed-form gradients w.r.t. z1, z2 and (soft) w, recomputing the similarity by rows."""
+    feats = torch.cat([z1, z2])
+    s = _Setup(w, soft, nonorm, penalty)
+    batch = s.batch
+    d_loss = d_loss * s.valid
+    d_pen = d_pen * s.valid
+    normc = s.norm.clamp_min(1e-30)
+    if s.split:
+        gamma = torch.cat([g[s.m:] * d_pen[:, None], g[:s.m] * d_pen[:, None]])  # (G, slots)
+    else:
+        gamma = 2.0 * g * d_pen[:, None]
+    gamma0 = gamma[:, 0]
+    # Gamma per band: the slot gradient seen by column c, as a column factor (N, G)
+    if s.slots == 1:
+        gammas = [gamma0.expand_as(s.w2g)] * 3
+    else:
+        gammas = [gamma.gather(1, s.slot_index(shift).T).T for shift in _SHIFTS]
+    col_factors = [gam * s.w2g for gam in gammas]
+    d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum = rows(
+        feats, s, temperature, irm_temperature, d_loss, normc, col_factors, gamma0)
     d_w = None
     if soft:
         if not s.nonorm:
