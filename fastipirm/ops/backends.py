@@ -49,14 +49,43 @@ def _load_torch():
     return env_contrastive_loss_torch
 
 
+def _load_cpu():
+    from .cpu_backend import load_cpu_backend
+    return load_cpu_backend()
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load_triton():
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError("the 'triton' package is not installed (pip install triton; it ships "
+                          "with the CUDA builds of torch on Linux)")
+    if not _triton_interpret() and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is available (set TRITON_INTERPRET=1 before importing "
+                           "fastipirm to run the Triton kernels in the CPU interpreter, for tests)")
+    try:
+        from kernels.env_contrastive import env_contrastive_loss_triton
+    except ImportError as exc:
+        raise ImportError(f"the Triton kernels (top-level package 'kernels' of the fastipirm "
+                          f"repository) cannot be imported: {exc}") from exc
+    return env_contrastive_loss_triton
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), _load_torch),
+    "cpu": Backend("cpu", ("cpu",), _load_cpu),
+    # CPU tensors only through the Triton interpreter (tests); never chosen automatically on CPU
+    "triton": Backend("triton", ("cuda", "cpu") if _triton_interpret() else ("cuda",),
+                      _load_triton),
 }
 
 # Preferred order when the backend is chosen automatically, per device type.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("torch",),
-    "cpu": ("torch",),
+    "cuda": ("triton", "torch"),
+    "cpu": ("cpu", "torch"),
 }
 
 _warned: set[str] = set()

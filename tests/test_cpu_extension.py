@@ -1,0 +1,89 @@
+"""The C++ CPU backend: built where it should be, deterministic, compiles, registered correctly.
+
+Its agreement with the reference is part of the sweep in test_ops.py (every available backend).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastipirm.ops import available_backends, backend_report, env_contrastive_loss
+
+HAVE_CPU = "cpu" in available_backends("cpu")
+needs_ext = pytest.mark.skipif(not HAVE_CPU, reason="C++ extension not built")
+
+
+@pytest.mark.skipif(os.environ.get("CI", "") != "true", reason="only CI must have the extension")
+def test_ci_built_the_extension():
+    assert HAVE_CPU, dict((n, d) for n, _, d in backend_report())
+
+
+def _inputs(b=45, d=32, m=5, soft=True):
+    z1 = F.normalize(torch.randn(b, d), dim=1)
+    z2 = F.normalize(torch.randn(b, d), dim=1)
+    w = torch.rand(b, m) if soft else (torch.rand(b, m) < 0.5).float()
+    return z1, z2, w
+
+
+def _run(z1, z2, w, soft, penalty="slot"):
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    c = w.clone().requires_grad_(soft)
+    loss, pen = env_contrastive_loss(a, b, c, temperature=0.5, irm_temperature=0.3, soft=soft,
+                                     backend="cpu", penalty=penalty)
+    (loss.sum() + pen.sum()).backward()
+    return [loss, pen, a.grad, b.grad] + ([c.grad] if soft else [])
+
+
+@needs_ext
+@pytest.mark.parametrize("soft,penalty", [(False, "slot"), (True, "slot"), (True, "split")])
+def test_deterministic_bitwise(soft, penalty):
+    z1, z2, w = _inputs(soft=soft)
+    first, second = _run(z1, z2, w, soft, penalty), _run(z1, z2, w, soft, penalty)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+@needs_ext
+def test_agrees_with_torch_backend_across_thread_counts():
+    z1, z2, w = _inputs()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(z1, z2, w, True)
+    finally:
+        torch.set_num_threads(threads)
+    many = _run(z1, z2, w, True)
+    for x, y in zip(one, many):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@needs_ext
+def test_opcheck_and_fullgraph_compile():
+    from fastipirm.ops.backends import BACKENDS
+    backend = BACKENDS["cpu"].load()
+    z1, z2, w = _inputs(b=9, d=8, m=3)
+    torch.library.opcheck(backend.forward_op, (z1.requires_grad_(), z2.requires_grad_(),
+                                               w.requires_grad_(), True, False, "slot", 0.5, 0.5))
+
+    def step(a, b, c):
+        loss, pen = env_contrastive_loss(a, b, c, temperature=0.5, irm_temperature=0.5,
+                                         soft=False, backend="cpu", check_values=False)
+        return loss.mean() + 0.2 * pen.mean()
+
+    hard = (torch.rand(9, 3) < 0.5).float()
+    a = z1.detach().clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(a, z2.detach(), hard)
+    out.backward()
+    a2 = z1.detach().clone().requires_grad_()
+    ref = step(a2, z2.detach(), hard)
+    ref.backward()
+    assert torch.allclose(out, ref) and torch.allclose(a.grad, a2.grad, atol=1e-6)
+
+
+@needs_ext
+def test_rejects_non_cpu_kernel_input():
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.fastipirm_ext.forward_rows(torch.randn(4, 3).t(), torch.ones(3, 1),
+                                             torch.ones(3, 1), torch.ones(3, 1), torch.ones(3, 1),
+                                             0.5, 0.5, 2)
