@@ -81,6 +81,14 @@ void row_stats(const T* sim, int64_t a, const Shape& s, T temperature, const T* 
     out.z[j] = std::max(out.exp_pos + kappa[a * s.m + j] * ns[j], tiny);
 }
 
+// log Z - x_pos + shift as log1p(kappa * neg_sum / exp_pos): exact for losses near 0; the direct
+// form for rows whose ratio overflows (see torch_backend._per_anchor).
+template <typename T>
+inline T per_anchor(const RowStats<T>& st, T kappa, int64_t j) {
+  const T ratio = kappa * st.neg_sum[j] / st.exp_pos;
+  return std::isfinite(ratio) ? std::log1p(ratio) : std::log(st.z[j]) + st.shift - st.x_pos;
+}
+
 // Similarity rows of a tile: sim[r * N + c] = <F[a0 + r], F[c]>.
 template <typename T>
 void tile_similarity(const T* feats, int64_t a0, int64_t rows, const Shape& s, T* sim) {
@@ -123,7 +131,7 @@ std::vector<at::Tensor> forward_rows_impl(const at::Tensor& feats_t, const at::T
         const T* srow = sim.data() + r * s.n;
         row_stats(srow, a, s, temp, w2, kappa, e.data(), st);
         for (int64_t j = 0; j < s.m; ++j)
-          loss_acc[tid][j] += w2[a * s.m + j] * (std::log(st.z[j]) + st.shift - st.x_pos);
+          loss_acc[tid][j] += w2[a * s.m + j] * per_anchor(st, kappa[a * s.m + j], j);
         const T* ep = e.data();
         RowStats<T>* p = &st;
         if (!same_t) {
@@ -223,7 +231,7 @@ std::vector<at::Tensor> backward_rows_impl(const at::Tensor& feats_t, const at::
         for (int64_t j = 0; j < s.m; ++j) {
           const T dell = d_loss[j] * w2[a * s.m + j] / normc[j];
           if (soft) {
-            const T ell = std::log(st.z[j]) + st.shift - st.x_pos;
+            const T ell = per_anchor(st, kappa[a * s.m + j], j);
             dw2[a * s.m + j] += d_loss[j] * ell / normc[j];
             loss_acc[tid][j] += w2[a * s.m + j] * ell;
           }

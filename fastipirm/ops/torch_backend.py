@@ -135,6 +135,17 @@ def _path(sim: torch.Tensor, blk: _Block, s: _Setup, temperature: float) -> dict
                 neg_sum=neg_sum, z=z)
 
 
+def _per_anchor(p: dict, kappa: torch.Tensor) -> torch.Tensor:
+    """``log Z - x_pos + shift`` as ``log1p(kappa * neg_sum / exp_pos)``: exact for small losses.
+
+    The direct form loses the relative precision of a loss near 0 (log of 1 + eps); it is kept
+    for rows whose ratio overflows (positive logit far below the row maximum).
+    """
+    ratio = kappa * p["neg_sum"] / p["exp_pos"][:, None]
+    direct = torch.log(p["z"]) + (p["shift"] - p["x_pos"])[:, None]
+    return torch.where(torch.isfinite(ratio), torch.log1p(ratio), direct)
+
+
 def _blocks(feats: torch.Tensor, s: _Setup):
     """Yield ``(block, similarity rows)`` over the rows of the ``N x N`` similarity."""
     step = chunk_rows(s.n)
@@ -155,8 +166,7 @@ def forward_rows(feats, s: _Setup, temperature: float, irm_temperature: float):
     for blk, sim in _blocks(feats, s):
         r = blk.rows
         p = _path(sim, blk, s, temperature)
-        per_anchor = torch.log(p["z"]) + (p["shift"] - p["x_pos"])[:, None]
-        loss_sum = loss_sum + (s.w2[r] * per_anchor).sum(0)
+        loss_sum = loss_sum + (s.w2[r] * _per_anchor(p, s.kappa[r])).sum(0)
         if irm_temperature != temperature:
             p = _path(sim, blk, s, irm_temperature)
         zg = s.rep(p["z"])
@@ -208,7 +218,7 @@ def backward_rows(feats, s: _Setup, temperature: float, irm_temperature: float, 
         p = _path(sim, blk, s, temperature)
         d_ell = d_loss * s.w2[r] / normc                                   # (R, M)
         if soft:
-            ell = torch.log(p["z"]) + (p["shift"] - p["x_pos"])[:, None]
+            ell = _per_anchor(p, s.kappa[r])
             d_w2[r] += d_loss * ell / normc
             loss_sum = loss_sum + (s.w2[r] * ell).sum(0)
         d_z = d_ell / p["z"]

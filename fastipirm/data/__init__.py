@@ -1,0 +1,7 @@
+"""Data layer of fastipirm: in-memory data sets, batched GPU/CPU augmentation, an index-keyed loader."""
+from .augment import CIFAR10_MEAN, CIFAR10_STD, TwoViewAugment, eval_transform
+from .datasets import DATASETS, ArrayDataset, load_dataset
+from .loader import IndexedLoader, epoch_permutation
+
+__all__ = ["ArrayDataset", "load_dataset", "DATASETS", "TwoViewAugment", "eval_transform",
+           "CIFAR10_MEAN", "CIFAR10_STD", "IndexedLoader", "epoch_permutation"]

@@ -1,0 +1,5 @@
+"""Networks of fastipirm: small-stem ResNet encoders and the SimCLR model with its projection head."""
+from .resnet import ARCHS, ResNet, resnet18, resnet50
+from .simclr import SimCLRModel, convert_official_state_dict
+
+__all__ = ["ARCHS", "ResNet", "resnet18", "resnet50", "SimCLRModel", "convert_official_state_dict"]
