@@ -129,6 +129,23 @@ def test_low_precision_within_twice_torch_error(backend, case, dtype, floor, see
         assert err <= allowed, f"{name}: {err:.3e} > {allowed:.3e} (seed {seed})"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("soft", [False, True])
+def test_low_temperature_unnormalised_features(backend, soft, seed):
+    """tau = 0.05 with feature norms up to 3 (CL-ICA style distances): finite and accurate."""
+    case = Case(23, 16, 3, soft, "slot", temperature=0.05, irm_temperature=0.05)
+    z1, z2, w = make(case)
+    scale = 1.0 + 2.0 * torch.rand(case.batch, 1)
+    z1, z2 = z1 * scale, z2 * scale.flip(0)
+    up = (torch.randn(case.envs), torch.randn(case.envs))
+    want = reference(case, z1, z2, w, up)
+    got = backend_out(backend, case, z1, z2, w, up)
+    for i, (name, g, r) in enumerate(zip(NAMES, got, want)):
+        assert torch.isfinite(g).all(), f"{name} not finite (seed {seed})"
+        err = relative_error(g, r, VALUE_FLOOR if i < 2 else GRADIENT_FLOOR)
+        assert err < 1e-4, f"{name}: relative error {err:.3e} (seed {seed})"
+
+
 def test_empty_environment_is_zero_with_zero_gradient():
     z1, z2, w = make(Case(9, 8, 2, False, "slot"))
     w[:, 1] = 0

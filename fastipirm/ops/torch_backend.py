@@ -127,7 +127,9 @@ def _path(sim: torch.Tensor, blk: _Block, s: _Setup, temperature: float) -> dict
     x = sim / temperature
     shift = x.masked_fill(blk.diag, float("-inf")).amax(1)                 # (R,)
     x_pos = x.gather(1, blk.partner[:, None])[:, 0]                        # (R,)
-    exp_neg = torch.exp(x - shift[:, None]) * blk.neg                       # (R, N)
+    # where, not a product with the mask: the diagonal's exp may overflow (non-normalised
+    # features at a low temperature) and inf * 0 would be NaN
+    exp_neg = torch.where(blk.neg > 0, torch.exp(x - shift[:, None]), 0.0)  # (R, N)
     exp_pos = torch.exp(x_pos - shift)                                      # (R,)
     neg_sum = exp_neg @ s.w2                                                # (R, M)
     z = (exp_pos[:, None] + s.kappa[blk.rows] * neg_sum).clamp_min(torch.finfo(sim.dtype).tiny)

@@ -1,0 +1,1 @@
+"""Benchmarks of fastipirm (``python -m bench.<name>``); recorded figures in ``bench/results/``."""

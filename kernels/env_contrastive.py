@@ -1,0 +1,712 @@
+"""Backend ``"triton"`` of :func:`fastipirm.ops.env_contrastive_loss`: fused, O(N (D+M)) memory.
+
+Same function as :mod:`fastipirm.ops.torch_backend` (read its docstring for the math and the
+notation: ``N = 2B`` concatenated views, ``W2 = [w; w]``, row stats
+``Z = e_pos + kappa * (E @ W2)``, per-slot penalty from three diagonal-band column reductions
+scattered to slots ``pos+1, pos, pos-1``). The ``N x N`` similarity is never materialised, neither
+in forward nor in backward.
+
+Decomposition
+-------------
+Everything that touches the ``N x N`` similarity ``S = F F^T`` (``F = [z1; z2]``) is one of four
+row-block kernels (grid over blocks of ``BLOCK_M`` rows, loop over blocks of ``BLOCK_N`` columns,
+``S`` tile by ``tl.dot`` with fp32 accumulation, deterministic: no atomics). Masks: ``neg`` (the
+negatives of the anchor row), ``lo / mid / hi`` (column below ``i``, between ``i`` and ``i+B``,
+above ``i+B``, ``i = anchor mod B``). ``E = exp((S - m_a) / T)`` on negatives, ``K~ = E~ * S / T'``
+(tilde: at ``irm_temperature``), ``m_a`` the row max of ``S`` over ``c != a`` (positive included),
+so every exponential is <= 1: no overflow for any temperature or input norm.
+
+Numerical range (shared with the ``"torch"`` backend, which uses the same row shift): an
+environment's row sum underflows in fp32 when *all* of its terms (the positive included) lie more
+than ~87 temperatures below the row max, i.e. when a logit of a sample outside the environment (or
+of weight 0) beats the positive by that much. With L2-normalised features that needs T < 2/87;
+with non-normalised features at low temperature it can happen, and then that environment's values
+are inaccurate. A shift per environment would fix it at M times the exp work; not done.
+
+1. ``_rowstats_kernel``: online row max ``m`` (initialised with the positive logit) and
+   ``ZN = E @ W2``, ``ZN~ = E~ @ W2`` (all M environment columns at once, one narrow dot per tile).
+2. ``_band_kernel`` (``TRANS=True``): the penalty's column reductions
+   ``ACC_band[c] = sum_a band(a, c) K~_ac RC_a`` for the ``G`` row groups (``G = M``, or ``2M``
+   for the split penalties), computed per row block of ``c`` from the transposed tile (``S`` is
+   symmetric), one narrow dot per band.
+3. ``_band_kernel`` (``TRANS=False``, backward): the row reduction
+   ``RHO_a = sum_c sum_band band(a, c) K~_ac gACC_band[c]`` (the gradient of ``ACC`` w.r.t. ``RC``).
+4. ``_grad_kernel`` (backward): ``dS_ac`` on negatives from the closed form (below) for the tile
+   and its transpose, ``dF_rows += (dS + dS^T) @ F_cols``, and (soft mode) the weight gradient of
+   the row sums ``gW2 = E^T gZN + E~^T gZN~``.
+
+All the environment logic (kappa, norms, hard/soft, nonorm, split groups, the rank ``pos``, the
+scatter of the ``(3, N, G)`` band sums to slots, the positive pair, the four penalty variants) is
+O(N M) torch "glue" on the kernel outputs. Backward differentiates that glue with
+``torch.func.vjp`` (a single backward of O(N M) work, no ``create_graph``, no double backward) to
+get ``gZN, gZN~, gACC, gRC`` and the direct weight gradients, then runs the two backward kernels.
+With ``x = S/T``:
+
+``dS_ac = E_ac/T (gZN W2^T)_ac + E~_ac/T' (gZN~ W2^T)_ac
+          + E~_ac (1 + x~_ac)/T' sum_band band_ac (RC gACC_band^T)_ac``   (negatives only),
+
+the positive pair ``(a, a')`` enters through the glue (``spos_a = F_a . F_a'``) and the row shift
+``m`` is a constant (the function is shift invariant). The glue writes the per-anchor loss as
+``log1p(kappa ZN / e_pos)`` and ``P_pos - 1`` as ``-kappa ZN / Z`` (no cancellation: exact zeros for
+rows without negative mass, e.g. one-sample environments).
+
+Precision: fp16/bf16 inputs feed the similarity GEMM directly (fp32 accumulation); fp32 inputs
+use ``input_precision="ieee"`` unless ``torch.get_float32_matmul_precision() != "highest"``, then
+tf32. The narrow environment dots take fp32 operands (``ieee``, or tf32 where the similarity GEMM
+is tf32 or the inputs are fp16/bf16; under the interpreter everything is exact). float64 inputs
+are computed in float32 and the outputs / gradients cast back to float64 (documented deviation:
+float32 accuracy). Outputs are float32 for fp16/bf16/fp32 inputs.
+
+Entry points: :func:`env_contrastive_loss_triton` (the registered backend) runs as the
+``torch.library`` custom ops ``fastipirm::env_contrastive_triton_{fwd,bwd}``
+(:mod:`fastipirm.ops.custom_ops`; a training step compiles with ``fullgraph=True``);
+:func:`env_contrastive_loss_triton_eager` is the same computation through the
+``torch.autograd.Function`` :class:`EnvContrastiveTriton`.
+
+Feature dimension: a row block keeps its ``(BLOCK_M, next_pow2(D))`` features and gradient in
+registers, so ``D`` is limited to :data:`MAX_D` (a clear ``ValueError`` beyond; the projection
+heads of IP-IRM use D = 128).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import next_pow2
+
+MAX_D = 256
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _masks(anchor, other, B, N):
+    """Negatives and band classes of ``other`` for the anchor row ``anchor`` (broadcasting)."""
+    i = anchor % B
+    valid = (anchor < N) & (other < N)
+    neg = valid & (other != i) & (other != i + B)
+    lo = neg & (other < i)
+    hi = neg & (other > i + B)
+    mid = neg & (other > i) & (other < i + B)
+    return neg, lo, mid, hi
+
+
+@triton.jit
+def _rowstats_kernel(F, SPOS, W, M_OUT, ZN_OUT, ZNT_OUT,
+                     N, B, D, M, stride_f, stride_w, stride_z,
+                     scale1, scale2,
+                     TWO_T: tl.constexpr, PREC: tl.constexpr, NPREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < M
+    fi = tl.load(F + rows[:, None] * stride_f + offs_d[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    # the positive logit is a lower bound of the row max: the running max is finite from the start
+    m_i = tl.load(SPOS + rows, mask=rmask, other=0.0)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        fj = tl.load(F + cols[:, None] * stride_f + offs_d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(fi, tl.trans(fj), input_precision=PREC)
+        neg, lo, mid, hi = _masks(rows[:, None], cols[None, :], B, N)
+        m_new = tl.maximum(m_i, tl.max(tl.where(neg, s, -float("inf")), 1))
+        wj = tl.load(W + cols[:, None] * stride_w + offs_e[None, :],
+                     mask=cmask[:, None] & emask[None, :], other=0.0)
+        p1 = tl.exp2(tl.where(neg, (s - m_new[:, None]) * scale1, -float("inf")))
+        alpha1 = tl.exp2((m_i - m_new) * scale1)
+        acc1 = acc1 * alpha1[:, None] + tl.dot(p1, wj, input_precision=NPREC)
+        if TWO_T:
+            p2 = tl.exp2(tl.where(neg, (s - m_new[:, None]) * scale2, -float("inf")))
+            alpha2 = tl.exp2((m_i - m_new) * scale2)
+            acc2 = acc2 * alpha2[:, None] + tl.dot(p2, wj, input_precision=NPREC)
+        m_i = m_new
+    tl.store(M_OUT + rows, m_i, mask=rmask)
+    omask = rmask[:, None] & emask[None, :]
+    optr = rows[:, None] * stride_z + offs_e[None, :]
+    tl.store(ZN_OUT + optr, acc1, mask=omask)
+    if TWO_T:
+        tl.store(ZNT_OUT + optr, acc2, mask=omask)
+
+
+@triton.jit
+def _band_kernel(F, MROW, FAC, OUT,
+                 N, B, D, G, stride_f, stride_fb, stride_fn, stride_ob, stride_on,
+                 scale2, inv_t2,
+                 TRANS: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, NPREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
+    """TRANS: ``OUT[b, p] = sum_q band_b(q, p) K~_qp FAC[0, q]`` (column reductions, forward).
+
+    not TRANS: ``OUT[0, p] = sum_q sum_b band_b(p, q) K~_pq FAC[b, q]`` (row reduction, backward).
+    ``NB = 1`` uses the whole negative mask as the single band (scalar penalties).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    fi = tl.load(F + rows[:, None] * stride_f + offs_d[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_r = tl.load(MROW + rows, mask=rmask, other=0.0)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        fj = tl.load(F + cols[:, None] * stride_f + offs_d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(fi, tl.trans(fj), input_precision=PREC)
+        fmask = cmask[:, None] & gmask[None, :]
+        fptr = FAC + cols[:, None] * stride_fn + offs_g[None, :]
+        if TRANS:
+            m_c = tl.load(MROW + cols, mask=cmask, other=0.0)
+            neg, lo, mid, hi = _masks(cols[None, :], rows[:, None], B, N)
+            k = tl.exp2(tl.where(neg, (s - m_c[None, :]) * scale2, -float("inf"))) * (s * inv_t2)
+            f0 = tl.load(fptr, mask=fmask, other=0.0)
+            if NB == 1:
+                acc0 += tl.dot(k, f0, input_precision=NPREC)
+            else:
+                acc0 += tl.dot(tl.where(lo, k, 0.0), f0, input_precision=NPREC)
+                acc1 += tl.dot(tl.where(mid, k, 0.0), f0, input_precision=NPREC)
+                acc2 += tl.dot(tl.where(hi, k, 0.0), f0, input_precision=NPREC)
+        else:
+            neg, lo, mid, hi = _masks(rows[:, None], cols[None, :], B, N)
+            k = tl.exp2(tl.where(neg, (s - m_r[:, None]) * scale2, -float("inf"))) * (s * inv_t2)
+            f0 = tl.load(fptr, mask=fmask, other=0.0)
+            if NB == 1:
+                acc0 += tl.dot(k, f0, input_precision=NPREC)
+            else:
+                f1 = tl.load(fptr + stride_fb, mask=fmask, other=0.0)
+                f2 = tl.load(fptr + 2 * stride_fb, mask=fmask, other=0.0)
+                acc0 += tl.dot(tl.where(lo, k, 0.0), f0, input_precision=NPREC)
+                acc0 += tl.dot(tl.where(mid, k, 0.0), f1, input_precision=NPREC)
+                acc0 += tl.dot(tl.where(hi, k, 0.0), f2, input_precision=NPREC)
+    omask = rmask[:, None] & gmask[None, :]
+    optr = OUT + rows[:, None] * stride_on + offs_g[None, :]
+    tl.store(optr, acc0, mask=omask)
+    if TRANS:
+        if NB == 3:
+            tl.store(optr + stride_ob, acc1, mask=omask)
+            tl.store(optr + 2 * stride_ob, acc2, mask=omask)
+
+
+@triton.jit
+def _grad_kernel(F, MROW, W, GZ1, GZ2, RC, GACC, DF, GW,
+                 N, B, D, M, G, stride_f, stride_w, stride_rc, stride_gb, stride_gn,
+                 stride_df, scale1, scale2, inv_t1, inv_t2,
+                 TWO_T: tl.constexpr, NB: tl.constexpr, NEED_GW: tl.constexpr,
+                 PREC: tl.constexpr, NPREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``DF[p] = sum_q (dS_pq + dS_qp) F_q`` over negatives, and ``GW[p] = sum_q E_qp gZN_q (+ ~)``.
+
+    ``W, GZ1, GZ2`` are ``(N, M)`` with row stride ``stride_w``; ``RC`` is ``(N, G)``; ``GACC``
+    ``(NB, N, G)``. With ``TWO_T == False`` the caller merged both temperatures' ``gZN`` into GZ1.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < M
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    fi = tl.load(F + rows[:, None] * stride_f + offs_d[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_r = tl.load(MROW + rows, mask=rmask, other=0.0)
+    eptr_i = rows[:, None] * stride_w + offs_e[None, :]
+    emask_i = rmask[:, None] & emask[None, :]
+    w_i = tl.load(W + eptr_i, mask=emask_i, other=0.0)
+    g1_i = tl.load(GZ1 + eptr_i, mask=emask_i, other=0.0)
+    gptr_i = rows[:, None] * stride_gn + offs_g[None, :]
+    gmask_i = rmask[:, None] & gmask[None, :]
+    rc_i = tl.load(RC + rows[:, None] * stride_rc + offs_g[None, :], mask=gmask_i, other=0.0)
+    a0_i = tl.load(GACC + gptr_i, mask=gmask_i, other=0.0)
+    dacc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    gwacc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        fj = tl.load(F + cols[:, None] * stride_f + offs_d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(fi, tl.trans(fj), input_precision=PREC)
+        m_c = tl.load(MROW + cols, mask=cmask, other=0.0)
+        eptr_j = cols[:, None] * stride_w + offs_e[None, :]
+        emask_j = cmask[:, None] & emask[None, :]
+        w_j = tl.load(W + eptr_j, mask=emask_j, other=0.0)
+        g1_j = tl.load(GZ1 + eptr_j, mask=emask_j, other=0.0)
+        gptr_j = cols[:, None] * stride_gn + offs_g[None, :]
+        gmask_j = cmask[:, None] & gmask[None, :]
+        rc_j = tl.load(RC + cols[:, None] * stride_rc + offs_g[None, :], mask=gmask_j, other=0.0)
+        a0_j = tl.load(GACC + gptr_j, mask=gmask_j, other=0.0)
+        # direct (anchor = row p, column q) and transposed (anchor = column q, column p) masks;
+        # the negative mask is symmetric, the band classes are not
+        neg, lo_d, mid_d, hi_d = _masks(rows[:, None], cols[None, :], B, N)
+        e1d = tl.exp2(tl.where(neg, (s - m_r[:, None]) * scale1, -float("inf")))
+        e1t = tl.exp2(tl.where(neg, (s - m_c[None, :]) * scale1, -float("inf")))
+        ds = (e1d * tl.dot(g1_i, tl.trans(w_j), input_precision=NPREC)
+              + e1t * tl.dot(w_i, tl.trans(g1_j), input_precision=NPREC)) * inv_t1
+        if NEED_GW:
+            gwacc += tl.dot(e1t, g1_j, input_precision=NPREC)
+        if TWO_T:
+            g2_i = tl.load(GZ2 + eptr_i, mask=emask_i, other=0.0)
+            g2_j = tl.load(GZ2 + eptr_j, mask=emask_j, other=0.0)
+            e2d = tl.exp2(tl.where(neg, (s - m_r[:, None]) * scale2, -float("inf")))
+            e2t = tl.exp2(tl.where(neg, (s - m_c[None, :]) * scale2, -float("inf")))
+            ds += (e2d * tl.dot(g2_i, tl.trans(w_j), input_precision=NPREC)
+                   + e2t * tl.dot(w_i, tl.trans(g2_j), input_precision=NPREC)) * inv_t2
+            if NEED_GW:
+                gwacc += tl.dot(e2t, g2_j, input_precision=NPREC)
+        else:
+            e2d = e1d
+            e2t = e1t
+        if NB == 1:
+            bd = tl.dot(rc_i, tl.trans(a0_j), input_precision=NPREC)
+            bt = tl.dot(a0_i, tl.trans(rc_j), input_precision=NPREC)
+        else:
+            a1_i = tl.load(GACC + stride_gb + gptr_i, mask=gmask_i, other=0.0)
+            a2_i = tl.load(GACC + 2 * stride_gb + gptr_i, mask=gmask_i, other=0.0)
+            a1_j = tl.load(GACC + stride_gb + gptr_j, mask=gmask_j, other=0.0)
+            a2_j = tl.load(GACC + 2 * stride_gb + gptr_j, mask=gmask_j, other=0.0)
+            neg_t, lo_t, mid_t, hi_t = _masks(cols[None, :], rows[:, None], B, N)
+            bd = tl.where(lo_d, tl.dot(rc_i, tl.trans(a0_j), input_precision=NPREC),
+                          tl.where(mid_d, tl.dot(rc_i, tl.trans(a1_j), input_precision=NPREC),
+                                   tl.dot(rc_i, tl.trans(a2_j), input_precision=NPREC)))
+            bt = tl.where(lo_t, tl.dot(a0_i, tl.trans(rc_j), input_precision=NPREC),
+                          tl.where(mid_t, tl.dot(a1_i, tl.trans(rc_j), input_precision=NPREC),
+                                   tl.dot(a2_i, tl.trans(rc_j), input_precision=NPREC)))
+        ds += (e2d * bd + e2t * bt) * (1.0 + s * inv_t2) * inv_t2
+        dacc += tl.dot(ds, fj.to(tl.float32), input_precision=NPREC)
+    tl.store(DF + rows[:, None] * stride_df + offs_d[None, :], dacc,
+             mask=rmask[:, None] & dmask[None, :])
+    if NEED_GW:
+        tl.store(GW + eptr_i, gwacc, mask=emask_i)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (autotuned on a GPU, one default config under the interpreter)
+# ----------------------------------------------------------------------------------------------
+
+def _configs(heavy: bool) -> list:
+    """Hopper/Ampere candidates; ``heavy`` kernels (the backward) keep more tiles in registers."""
+    cfgs = []
+    for bm, bn, warps, stages in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),
+                                  (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2)):
+        if heavy and bm * bn > 64 * 128:
+            continue
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                  num_stages=stages))
+    return cfgs
+
+
+# Whether Triton created these kernels for its CPU interpreter (decided when this module was
+# imported, by TRITON_INTERPRET at that time; see kernels/utils.py).
+INTERPRETED = type(_rowstats_kernel).__name__ == "InterpretedFunction"
+# Under the interpreter: one config, small blocks so that tests reach several tiles cheaply.
+INTERPRET_BLOCK = 32
+_GPU_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64}
+# The gradient kernel at 64 x 64 needs up to ~170 KB of shared memory (fp32 exact, two
+# temperatures; sm_80 AOT compile), over the A100's 164 KB: its untuned default is 32 x 64.
+_GPU_DEFAULT_HEAVY = {"BLOCK_M": 32, "BLOCK_N": 64}
+_tuned: dict = {}
+
+
+def _autotuned(kernel, heavy: bool):
+    # keyed on (N = 2B, D, M or G): the shapes that change the best tile
+    key = ["N", "D", "G"] if kernel is _band_kernel else ["N", "D", "M"]
+    if kernel is _grad_kernel:
+        key = ["N", "D", "M", "G"]
+    if kernel not in _tuned:
+        _tuned[kernel] = triton.autotune(configs=_configs(heavy), key=key)(kernel)
+    return _tuned[kernel]
+
+
+@contextlib.contextmanager
+def _interpret_env():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _launch(kernel, heavy: bool, n: int, *args, **kwargs):
+    """Interpreter: the bare JIT function with the default config; GPU: the autotuner.
+
+    ``FASTIPIRM_TRITON_AUTOTUNE=0`` launches the default GPU config without tuning.
+    """
+    if INTERPRETED:
+        grid = (triton.cdiv(n, INTERPRET_BLOCK),)
+        with _interpret_env():  # the interpreter's builtins check the variable at run time too
+            kernel[grid](*args, **kwargs, BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
+    elif os.environ.get("FASTIPIRM_TRITON_AUTOTUNE", "1") == "0":
+        cfg = _GPU_DEFAULT_HEAVY if heavy else _GPU_DEFAULT
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+        kernel[grid](*args, **kwargs, **cfg, num_warps=4, num_stages=2)
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+        _autotuned(kernel, heavy)[grid](*args, **kwargs)
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """``(similarity GEMM, narrow fp32 dots)`` input precision."""
+    exact = torch.get_float32_matmul_precision() == "highest"
+    if dtype == torch.float32:
+        p = "ieee" if exact else "tf32"
+        return p, p
+    # half inputs: "tf32" is tl.dot's default input_precision, a no-op for fp16/bf16 operands
+    return "tf32", "tf32"
+
+
+def _rowstats(feats, spos, w2, batch, t1, t2, two_t, prec):
+    n, d = feats.shape
+    m = w2.shape[1]
+    m_out = torch.empty(n, device=feats.device, dtype=torch.float32)
+    zn = torch.empty(n, m, device=feats.device, dtype=torch.float32)
+    znt = torch.empty(n, m, device=feats.device, dtype=torch.float32) if two_t else zn
+    _launch(_rowstats_kernel, False, n, feats, spos, w2, m_out, zn, znt,
+            n, batch, d, m, feats.stride(0), w2.stride(0), zn.stride(0),
+            _LOG2E / t1, _LOG2E / t2,
+            TWO_T=two_t, PREC=prec[0], NPREC=prec[1],
+            BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(m))
+    return m_out, zn, znt
+
+
+def _band(feats, mrow, fac, nb_out, batch, t2, trans, nb, prec):
+    n, d = feats.shape
+    g = fac.shape[2]
+    out = torch.empty(nb_out, n, g, device=feats.device, dtype=torch.float32)
+    _launch(_band_kernel, False, n, feats, mrow, fac, out,
+            n, batch, d, g, feats.stride(0), fac.stride(0), fac.stride(1),
+            out.stride(0), out.stride(1), _LOG2E / t2, 1.0 / t2,
+            TRANS=trans, NB=nb, PREC=prec[0], NPREC=prec[1],
+            BLOCK_D=next_pow2(d), BLOCK_G=next_pow2(g))
+    return out
+
+
+def _grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw, prec):
+    n, d = feats.shape
+    m = w2.shape[1]
+    g = rc.shape[1]
+    nb = gacc.shape[0]
+    df = torch.empty(n, d, device=feats.device, dtype=torch.float32)
+    gw = torch.empty(n, m, device=feats.device, dtype=torch.float32) if need_gw else df
+    for t in (gz1, gz2):
+        assert t.stride() == w2.stride()
+    _launch(_grad_kernel, True, n, feats, mrow, w2, gz1, gz2, rc, gacc, df, gw,
+            n, batch, d, m, g, feats.stride(0), w2.stride(0), rc.stride(0),
+            gacc.stride(0), gacc.stride(1), df.stride(0),
+            _LOG2E / t1, _LOG2E / t2, 1.0 / t1, 1.0 / t2,
+            TWO_T=two_t, NB=nb, NEED_GW=need_gw, PREC=prec[0], NPREC=prec[1],
+            BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(m), BLOCK_G=next_pow2(g))
+    return df, (gw if need_gw else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# O(N M) glue (differentiable torch; mirrors fastipirm.ops.torch_backend)
+# ----------------------------------------------------------------------------------------------
+
+class _Setup:
+    """Weights-derived O(N M) quantities of one call (differentiable w.r.t. ``w`` in soft mode)."""
+
+    def __init__(self, w: torch.Tensor, soft: bool, nonorm: bool, penalty: str):
+        batch, m = w.shape
+        n = 2 * batch
+        dev = w.device
+        self.n, self.m = n, m
+        w2 = torch.cat([w, w])
+        self.w2 = w2
+        if soft:
+            others = 2.0 * (w.double().sum(0, keepdim=True) - w2.double())
+            self.kappa = torch.where(others > 0, (n - 2) / others.clamp_min(1e-300),
+                                     0.0).to(w.dtype)
+            self.pos = torch.arange(n, device=dev)[:, None].expand(n, m)
+        else:
+            self.kappa = torch.ones_like(w2)
+            self.pos = (torch.cumsum(w2, 0) - w2).round().long()
+        self.total = w2.sum(0)
+        self.norm = torch.full_like(self.total, float(n)) if (soft and nonorm) else self.total
+        self.split = penalty in ("split", "scalar_split")
+        if self.split:
+            parity = self.pos if not soft else torch.arange(n, device=dev)[:, None].expand(n, m)
+            even = (parity % 2 == 0).to(w2.dtype)
+            halves = torch.cat([w2 * even, w2 * (1.0 - even)], 1)
+            if soft and nonorm:
+                half_norm = torch.cat([even.sum(0), (1.0 - even).sum(0)])
+            else:
+                half_norm = halves.sum(0)
+            self.group_weight = halves / half_norm.clamp_min(1e-30)
+            self.group_pos = self.pos.repeat(1, 2)
+        else:
+            self.group_weight = w2 / self.norm.clamp_min(1e-30)
+            self.group_pos = self.pos
+        self.reps = self.group_weight.shape[1] // m
+        self.scalar = penalty in ("scalar", "scalar_split")
+        self.slots = 1 if self.scalar else n
+        self.nbands = 1 if self.scalar else 3
+
+    @staticmethod
+    def nbands_of(penalty: str) -> int:
+        return 1 if penalty in ("scalar", "scalar_split") else 3
+
+    def rep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(1, self.reps) if self.reps > 1 else t
+
+
+def _z(e_pos, kappa, zn):
+    z = e_pos[:, None] + kappa * zn
+    return z.clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def _glue_rc(st: _Setup, znt, spos, mrow, t2):
+    """Row coefficients of the penalty's column reductions: ``gw * kappa / Z~`` (N, G)."""
+    zt = _z(torch.exp((spos - mrow) / t2), st.kappa, znt)
+    return st.group_weight * st.rep(st.kappa) / st.rep(zt)
+
+
+def _glue_out(st: _Setup, zn, znt, acc, spos, mrow, t1, t2):
+    """``(loss, penalty)`` from the kernel statistics."""
+    # per anchor: log(Z / e_pos) = log1p(kappa ZN / e_pos), exact where the row has no negative
+    # mass (a one-sample environment) instead of the cancellation log(Z) + shift - x_pos
+    y1 = ((spos - mrow) / t1)[:, None]                                              # <= 0
+    neg_mass = st.kappa * zn
+    per_anchor = torch.where(
+        y1 > -80.0, torch.log1p(neg_mass * torch.exp((-y1).clamp_max(80.0))),
+        torch.log(_z(torch.exp(y1[:, 0]), st.kappa, zn)) - y1)
+    loss = torch.where(st.total > 0, (st.w2 * per_anchor).sum(0) / st.norm.clamp_min(1e-30), 0.0)
+
+    e2pos = torch.exp((spos - mrow) / t2)
+    zt = _z(e2pos, st.kappa, znt)
+    p_pos_m1 = -st.rep(st.kappa * znt) / st.rep(zt)                                 # P_pos - 1
+    g_pos = (st.group_weight * p_pos_m1 * (spos / t2)[:, None]).sum(0)             # (G,)
+    w2g = st.rep(st.w2)
+    if st.scalar:
+        g = (g_pos + (w2g * acc[0]).sum(0))[:, None]
+    else:
+        g = torch.zeros(st.group_weight.shape[1], st.slots, dtype=acc.dtype, device=acc.device)
+        for b, shift in enumerate((1, 0, -1)):
+            idx = (st.group_pos + shift).clamp(0, st.slots - 1)
+            g = g.scatter_add(1, idx.T, (w2g * acc[b]).T)
+        g[:, 0] += g_pos
+    if st.split:
+        pen = (g[:st.m] * g[st.m:]).sum(1)
+    else:
+        pen = (g * g).sum(1)
+    pen = torch.where(st.total > 0, pen, 0.0)
+    return loss, pen
+
+
+def _device_of(t: torch.Tensor):
+    """Kernels launch on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd.Function
+# ----------------------------------------------------------------------------------------------
+
+def triton_forward(feats, w, soft, penalty, nonorm, t1, t2):
+    """Forward of the fused op on ``feats = [z1; z2]`` (N, D) and float32 weights ``w`` (B, M).
+
+    Returns ``(loss, penalty, saved)`` with ``saved = (mrow, zn, znt, acc)``: the O(N M) statistics
+    the backward needs (``znt is zn`` when the two temperatures coincide).
+    """
+    batch = feats.shape[0] // 2
+    two_t = t1 != t2
+    prec = _precisions(feats.dtype)
+    with torch.no_grad(), _device_of(feats):
+        st = _Setup(w, soft, nonorm, penalty)
+        ff = feats.float()
+        spos = (ff * ff.roll(batch, 0)).sum(1)
+        mrow, zn, znt = _rowstats(feats, spos, st.w2.contiguous(), batch, t1, t2, two_t, prec)
+        rc = _glue_rc(st, znt, spos, mrow, t2)
+        acc = _band(feats, mrow, rc.unsqueeze(0).contiguous(), st.nbands, batch, t2,
+                    True, st.nbands, prec)
+        loss, pen = _glue_out(st, zn, znt, acc, spos, mrow, t1, t2)
+    return loss, pen, (mrow, zn, znt, acc)
+
+
+def triton_backward(feats, w, saved, g_loss, g_pen, soft, penalty, nonorm, t1, t2, need_gw):
+    """Gradients ``(d_feats (N, D) in feats' dtype, d_w (B, M) float32 or None)``.
+
+    The O(N M) glue is differentiated with ``torch.func.vjp`` (a single backward, no
+    ``create_graph``; unlike ``torch.autograd.grad`` it also works inside a ``torch.library``
+    custom op) for the gradients of the kernel statistics, then come the row-reduction band kernel
+    and the gradient kernel.
+    """
+    mrow, zn, znt, acc = saved
+    batch = feats.shape[0] // 2
+    two_t = t1 != t2
+    prec = _precisions(feats.dtype)
+    need_gw = bool(soft and need_gw)
+    g_loss = g_loss.float()
+    g_pen = g_pen.float()
+    w_const = w.detach()
+
+    def glue(zn_, znt_, acc_, ff_, w_):
+        st = _Setup(w_ if need_gw else w_const, soft, nonorm, penalty)
+        znt_ = znt_ if two_t else zn_
+        spos = (ff_ * ff_.roll(batch, 0)).sum(1)
+        rc = _glue_rc(st, znt_, spos, mrow, t2)
+        loss, pen = _glue_out(st, zn_, znt_, acc_, spos, mrow, t1, t2)
+        return loss, pen, rc
+
+    with _device_of(feats):
+        primals = (zn.detach(), (znt if two_t else zn).detach(), acc.detach(),
+                   feats.detach().float(), w_const)
+        (_, _, rc), vjp_fn = torch.func.vjp(glue, *primals)
+        g_acc = vjp_fn((g_loss, g_pen, torch.zeros_like(rc)))[2].contiguous()
+        rho = _band(feats, mrow, g_acc, 1, batch, t2, False, _Setup.nbands_of(penalty), prec)[0]
+        g_zn, g_znt, _, g_ff, g_w = vjp_fn((g_loss, g_pen, rho))
+        g_zn = g_zn.contiguous()
+        g_znt = g_znt.contiguous() if two_t else g_zn
+        w2 = torch.cat([w_const, w_const]).float().contiguous()
+        df, gw2 = _grad(feats, mrow, w2, g_zn, g_znt, rc.detach().contiguous(), g_acc, batch,
+                        t1, t2, two_t, need_gw, prec)
+    d_feats = (df + g_ff).to(feats.dtype)
+    d_w = g_w + gw2[:batch] + gw2[batch:] if need_gw else None
+    return d_feats, d_w
+
+
+class EnvContrastiveTriton(torch.autograd.Function):
+    """``(feats (N, D), w (B, M) float32) -> (loss (M,), penalty (M,))``, float32 (eager path).
+
+    Forward: row-stats kernel, glue, band (column-reduction) kernel, glue. Backward: recompute the
+    O(N M) glue under autograd, band (row-reduction) kernel, gradient kernel. No double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, w, soft, penalty, nonorm, t1, t2):
+        loss, pen, saved = triton_forward(feats, w, soft, penalty, nonorm, t1, t2)
+        ctx.save_for_backward(feats, w, *saved)
+        ctx.cfg = (soft, penalty, nonorm, t1, t2)
+        return loss, pen
+
+    @staticmethod
+    def backward(ctx, g_loss, g_pen):
+        feats, w, *saved = ctx.saved_tensors
+        soft, penalty, nonorm, t1, t2 = ctx.cfg
+        d_feats, d_w = triton_backward(feats, w, saved, g_loss, g_pen, soft, penalty, nonorm,
+                                       t1, t2, ctx.needs_input_grad[1])
+        return d_feats, None if d_w is None else d_w.to(w.dtype), None, None, None, None, None
+
+
+def _check_supported(z1: torch.Tensor) -> None:
+    if z1.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 with CPU "
+                           f"tensors); got {z1.device.type} tensors")
+    if z1.shape[1] > MAX_D:
+        raise ValueError(f"the triton backend supports feature dimensions up to {MAX_D}; got "
+                         f"D={z1.shape[1]} (use backend='torch')")
+
+
+def _feats(z1, z2):
+    feats = torch.cat([z1, z2])
+    if feats.dtype == torch.float64:
+        feats = feats.float()
+    return feats.contiguous()
+
+
+def env_contrastive_loss_triton_eager(z1: torch.Tensor, z2: torch.Tensor,
+                                      env_weights: torch.Tensor, *, temperature: float,
+                                      irm_temperature: float, soft: bool, penalty: str = "slot",
+                                      nonorm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op through :class:`EnvContrastiveTriton` (plain eager autograd).
+
+    Same kernels and numbers as :func:`env_contrastive_loss_triton`, without the custom-op
+    dispatch (for eager use and for tests that watch every tensor the implementation allocates).
+    """
+    _check_supported(z1)
+    w = env_weights.float()
+    if not soft:
+        w = w.detach()
+    loss, pen = EnvContrastiveTriton.apply(_feats(z1, z2), w, bool(soft), penalty, bool(nonorm),
+                                           float(temperature), float(irm_temperature))
+    if z1.dtype == torch.float64:
+        loss, pen = loss.double(), pen.double()
+    return loss, pen
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops (fastipirm.ops.custom_ops): the backend entry point, compile-friendly
+# ----------------------------------------------------------------------------------------------
+
+def _op_forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
+    _check_supported(z1)
+    loss, pen, (mrow, zn, znt, acc) = triton_forward(
+        _feats(z1, z2), w.float(), soft, penalty, nonorm, temperature, irm_temperature)
+    if znt is zn:  # outputs of a custom op may not alias each other
+        znt = zn.clone()
+    if z1.dtype == torch.float64:
+        loss, pen = loss.double(), pen.double()
+    return loss, pen, [mrow, zn, znt, acc]
+
+
+def _op_backward(z1, z2, w, saved, d_loss, d_pen, soft, nonorm, penalty, temperature,
+                 irm_temperature):
+    mrow, zn, znt, acc = saved
+    if temperature == irm_temperature:
+        znt = zn
+    d_feats, d_w = triton_backward(_feats(z1, z2), w.float(), (mrow, zn, znt, acc), d_loss,
+                                   d_pen, soft, penalty, nonorm, temperature, irm_temperature,
+                                   need_gw=soft)
+    b = z1.shape[0]
+    return (d_feats[:b].to(z1.dtype), d_feats[b:].to(z2.dtype),
+            None if d_w is None else d_w.to(w.dtype))
+
+
+def _op_fake_saved(z1, z2, w, soft, nonorm, penalty):
+    n, m = 2 * z1.shape[0], w.shape[1]
+    groups = 2 * m if penalty in ("split", "scalar_split") else m
+    f32 = dict(dtype=torch.float32)
+    return [z1.new_empty(n, **f32), z1.new_empty(n, m, **f32), z1.new_empty(n, m, **f32),
+            z1.new_empty(_Setup.nbands_of(penalty), n, groups, **f32)]
+
+
+def _register():
+    from fastipirm.ops.custom_ops import register_env_contrastive_op
+    return register_env_contrastive_op("triton", _op_forward, _op_backward, _op_fake_saved)
+
+
+_op_backend = _register()
+
+
+def env_contrastive_loss_triton(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
+                                temperature: float, irm_temperature: float, soft: bool,
+                                penalty: str = "slot", nonorm: bool = False
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused Triton ``env_contrastive_loss`` (inputs already validated by the public op).
+
+    Runs as the ``torch.library`` custom ops ``fastipirm::env_contrastive_triton_{fwd,bwd}``
+    (:mod:`fastipirm.ops.custom_ops`), so a training step using it compiles with
+    ``fullgraph=True``. Returns float32 ``(loss, penalty)`` of shape ``(M,)`` for fp16/bf16/fp32
+    inputs; float64 inputs are computed in float32 and returned (with their gradients) as float64.
+    Gradients for z1, z2 and, in soft mode, env_weights.
+    """
+    _check_supported(z1)
+    return _op_backend(z1, z2, env_weights, temperature=temperature,
+                       irm_temperature=irm_temperature, soft=soft, penalty=penalty, nonorm=nonorm)
