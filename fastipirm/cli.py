@@ -1,11 +1,17 @@
 """Command line: ``fastipirm <command>``.
 
 Commands: ``check`` (every backend against the reference), ``info`` (versions, devices,
-backends). Each command is a ``_cmd_<name>`` function with its arguments added in ``main``.
+backends), ``train`` (IP-IRM or SimCLR training from a TOML config), ``eval linear`` (linear probe
+of a checkpoint). Each command is a ``_cmd_<name>`` function with its arguments added in ``main``.
+
+Expected failures of ``train`` and ``eval`` (a bad config key, missing or corrupt data files, a
+diverged loss, an unreadable checkpoint) print one ``error:`` line and exit with status 2 (config)
+or 1 (the rest); set ``FASTIPIRM_DEBUG=1`` for the full traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -49,6 +55,69 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _expected_errors():
+    from .train import DataUnavailable, TrainingDiverged
+    return (DataUnavailable, TrainingDiverged, FileNotFoundError, ValueError)
+
+
+def _report(exc: BaseException) -> int:
+    from .train import TrainingDiverged
+    if os.environ.get("FASTIPIRM_DEBUG"):
+        raise exc
+    label = "training stopped" if isinstance(exc, TrainingDiverged) else "error"
+    print(f"fastipirm: {label}: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, ValueError) else 1
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import config_from_checkpoint, run
+
+    try:
+        if args.resume == "auto":                 # resume when the run has a checkpoint
+            if not args.config:
+                print("fastipirm: error: --resume auto needs --config PATH", file=sys.stderr)
+                return 2
+            from .train import CHECKPOINT, run_dir
+            found = run_dir(load_config(args.config, args.set)) / CHECKPOINT
+            if found.exists():
+                print(f"--resume auto: resuming {found}")
+                args.resume, args.config = str(found), None
+            else:
+                print(f"--resume auto: no checkpoint in {found.parent}, starting fresh")
+                args.resume = None
+        if args.resume:
+            if args.config:
+                print(f"note: --resume uses the config stored in {args.resume}; "
+                      f"--config {args.config} is ignored (use --set to change keys)")
+            cfg = config_from_checkpoint(args.resume, args.set)
+        elif args.config:
+            cfg = load_config(args.config, args.set)
+        else:
+            print("fastipirm: error: train needs --config PATH (or --resume CHECKPOINT)",
+                  file=sys.stderr)
+            return 2
+        run(cfg, resume=args.resume)
+    except _expected_errors() as exc:
+        return _report(exc)
+    except KeyboardInterrupt:
+        print("fastipirm: interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_eval_linear(args) -> int:
+    from .eval import linear_eval_checkpoint
+
+    try:
+        linear_eval_checkpoint(args.checkpoint, overrides=args.set, epochs=args.epochs,
+                               fixed_bn=args.fixed_bn, augment=args.augment, device=args.device,
+                               progress=not args.no_progress)
+    except _expected_errors() as exc:
+        return _report(exc)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastipirm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +130,33 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("info", help="versions, devices and backends")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("train", help="train IP-IRM (or the SimCLR baseline) from a TOML config")
+    p.add_argument("--config", help="TOML config, e.g. configs/quickstart.toml")
+    p.add_argument("--resume", metavar="PATH",
+                   help="continue from a checkpoint file or run directory (its config is used, "
+                        "with --set on top); 'auto': the config's run directory if it has a "
+                        "checkpoint, else start fresh")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.epochs=10")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    q = esub.add_parser("linear", help="linear probe (official linear.py protocol)")
+    q.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    q.add_argument("--epochs", type=int, help="probe epochs (default: eval.linear_epochs, 100)")
+    q.add_argument("--fixed-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="encoder BN in eval mode while the probe trains; --no-fixed-bn: train "
+                        "mode, as the official linear.py (default: the config's eval.fixed_bn)")
+    q.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the probe on SSL-augmented views (official) or not "
+                        "(default: the config's eval.linear_augment)")
+    q.add_argument("--device", help="cpu | cuda | cuda:N (default: the checkpoint's run.device)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the checkpoint's config, e.g. eval.linear_lr=0.01")
+    q.set_defaults(func=_cmd_eval_linear)
 
     args = parser.parse_args(argv)
     return args.func(args)

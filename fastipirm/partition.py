@@ -1,0 +1,175 @@
+"""The offline maximisation step of IP-IRM (spec section 7, official ``auto_split_offline``).
+
+1. :func:`extract_views`: the model in eval mode, under ``no_grad``, gives the normalised
+   projections ``z1, z2`` (N, D) of ONE augmented view pair per dataset image, in dataset order.
+2. :func:`optimize_partition`: a logit matrix Theta (N, K) is trained to *minimise*
+   ``J = -mean_k(L^soft_k + lambda2 R^soft_k) + C(q)`` (:func:`maximization_objective`) with
+   dense Adam (lr 0.5) over the whole Theta, MultiStepLR([5, 35], x0.2) stepped per epoch, a
+   shuffled feature batch of 3096 without drop_last, and the official stopping rule: stop after
+   epoch ``e`` when ``e > 50 and cnt >= 5`` or ``e == 60`` (``cnt`` = epochs since the epoch-mean
+   J last improved). The Theta at the end of the best (lowest epoch-mean J) epoch is returned.
+3. :func:`retain`: the new partition joins the retained ``(P, N, K)`` stack (``retain_group``)
+   or replaces it; ``retain_group_set`` caps P (FIFO, main_mixup.py).
+
+Initialisation: ``random_init`` draws a fresh Theta ~ N(0, 1) every call (all official scripts).
+Without it Theta warm-starts from a *copy* of the previous best Theta. The official code instead
+optimises the very tensor it has just appended to the retained list, so the last retained
+partition is silently overwritten with the next search's final (not best) Theta (spec section 13,
+bug 4); fastipirm does not reproduce that aliasing (no official script is affected).
+
+Every count (epochs, milestones, patience, batch sizes) comes from the config so tests and the
+quickstart can run the procedure small.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .objectives.ipirm import maximization_objective
+
+
+@dataclass
+class PartitionResult:
+    logits: torch.Tensor                  # (N, K) best Theta (detached logits, not probabilities)
+    best_objective: float                 # its epoch-mean J
+    best_epoch: int
+    epochs_run: int
+    history: list = field(default_factory=list)   # epoch-mean J per epoch
+    seconds: float = 0.0
+
+    def fractions(self) -> list[float]:
+        """Share of the samples that the hard (argmax) assignment puts in each environment."""
+        return hard_fractions(self.logits)
+
+
+def hard_fractions(logits: torch.Tensor) -> list[float]:
+    k = logits.shape[-1]
+    counts = torch.bincount(logits.argmax(-1).flatten(), minlength=k).double()
+    return (counts / counts.sum()).tolist()
+
+
+@torch.no_grad()
+def extract_views(model: torch.nn.Module, loader, augment, *, num_samples: int,
+                  device: torch.device, generator: Optional[torch.Generator] = None,
+                  autocast: Callable = contextlib.nullcontext,
+                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised projections of one augmented view pair per image, indexed by dataset index.
+
+    ``loader`` yields ``(indices, uint8 NHWC images)`` over the whole partition split (any order,
+    no drop_last); ``augment(images, generator) -> (v1, v2)``. The model runs in eval mode (BN
+    running statistics, as the official code) and is put back in its previous mode afterwards.
+    Returns float32 ``(N, D)`` tensors on ``device``.
+    """
+    was_training = model.training
+    model.eval()
+    z1 = z2 = None
+    seen = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    try:
+        for indices, images in loader:
+            indices = indices.to(device)
+            v1, v2 = augment(images.to(device), generator)
+            if channels_last:
+                v1 = v1.contiguous(memory_format=torch.channels_last)
+                v2 = v2.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                p1 = model(v1)[1]
+                p2 = model(v2)[1]
+            if z1 is None:
+                z1 = torch.empty(num_samples, p1.shape[1], dtype=torch.float32, device=device)
+                z2 = torch.empty_like(z1)
+            z1[indices] = p1.float()
+            z2[indices] = p2.float()
+            seen[indices] = True
+    finally:
+        model.train(was_training)
+    if z1 is None or not bool(seen.all()):
+        missing = num_samples - int(seen.sum())
+        raise RuntimeError(f"feature extraction covered {num_samples - missing} of "
+                           f"{num_samples} samples: the partition loader must visit every index")
+    return z1, z2
+
+
+def optimize_partition(z1: torch.Tensor, z2: torch.Tensor, init: torch.Tensor, *,
+                       temperature: float, irm_temperature: float, irm_weight: float,
+                       constrain: bool = True, constrain_relax: bool = True, nonorm: bool = False,
+                       lr: float = 0.5, milestones=(5, 35), gamma: float = 0.2,
+                       batch_size: int = 3096, min_epochs: int = 50, patience: int = 5,
+                       max_epochs: int = 60, generator: Optional[torch.Generator] = None,
+                       backend: Optional[str] = None, penalty: str = "slot",
+                       progress: Optional[Callable[[int, float], None]] = None
+                       ) -> PartitionResult:
+    """Official Theta optimisation on a fixed feature bank; returns the best epoch's Theta.
+
+    ``init`` (N, K) is the starting Theta (copied, never modified). ``generator`` drives the
+    per-epoch shuffle (a CPU generator). Stops after epoch ``e`` when
+    ``(e > min_epochs and cnt >= patience) or e == max_epochs``.
+    """
+    start = time.perf_counter()
+    n = z1.shape[0]
+    if init.shape[0] != n:
+        raise ValueError(f"init has {init.shape[0]} rows for {n} samples")
+    theta = init.detach().clone().to(device=z1.device, dtype=torch.float32).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)   # dense Adam over all N x K entries (official)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
+    best, best_epoch, cnt = math.inf, -1, 0
+    best_theta = theta.detach().clone()
+    history = []
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=generator).to(z1.device)
+        total = torch.zeros((), dtype=torch.float64, device=z1.device)
+        batches = 0
+        for b0 in range(0, n, batch_size):               # shuffled, no drop_last
+            idx = perm[b0:b0 + batch_size]
+            objective, _ = maximization_objective(
+                z1[idx], z2[idx], theta[idx], temperature=temperature,
+                irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
+                constrain_relax=constrain_relax, nonorm=nonorm, backend=backend, penalty=penalty)
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            total += objective.detach()
+            batches += 1
+        sched.step()
+        mean = float(total / batches)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"the partition objective became {mean} at epoch {epoch}")
+        history.append(mean)
+        if mean < best:
+            best, best_epoch, cnt = mean, epoch, 0
+            best_theta = theta.detach().clone()
+        else:
+            cnt += 1
+        if progress is not None:
+            progress(epoch, mean)
+        if (epoch > min_epochs and cnt >= patience) or epoch >= max_epochs:
+            break
+        epoch += 1
+    return PartitionResult(best_theta, best, best_epoch, epoch + 1, history,
+                           time.perf_counter() - start)
+
+
+def initial_logits(num_samples: int, num_envs: int, *, random_init: bool,
+                   previous: Optional[torch.Tensor], generator: Optional[torch.Generator],
+                   device: torch.device) -> torch.Tensor:
+    """Theta's starting point: N(0, 1) (random_init or first call) or a copy of ``previous``."""
+    if random_init or previous is None:
+        return torch.randn(num_samples, num_envs, generator=generator).to(device)
+    return previous.detach().clone().to(device)      # a copy: no official aliasing (bug 4)
+
+
+def retain(retained: Optional[torch.Tensor], new: torch.Tensor, *, retain_group: bool,
+           retain_group_set: int = 0) -> torch.Tensor:
+    """The retained partitions ``(P, N, K)`` after adding ``new`` (N, K)."""
+    new = new.detach()[None]
+    if retained is None or not retain_group or retained.shape[0] == 0:
+        return new.clone()
+    out = torch.cat([retained.to(new.device), new])
+    if retain_group_set > 0 and out.shape[0] > retain_group_set:
+        out = out[-retain_group_set:]
+    return out.clone()
