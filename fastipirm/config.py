@@ -91,7 +91,8 @@ class DataConfig:
     download: bool = False
     crop_size: int = 32                  # RandomResizedCrop output size (official: 32)
     crop_scale_min: float = 0.08         # RandomResizedCrop scale lower bound (official: 0.08)
-    pipeline: str = "torch"              # training views: torch (batched on-device ops) | dali
+    pipeline: str = "auto"               # training views: auto (dali on a GPU when installed, else
+                                         # torch) | torch (batched on-device ops) | dali
     # synthetic data only (0 or absent = the generator's default)
     num_samples: int = 0                 # images of the pretraining split
     eval_num_samples: int = 0            # images of every other split (e.g. test)
@@ -199,7 +200,7 @@ _SECTION_CLASSES = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
 
 _CHOICES = {
     ("data", "name"): ("stl10", "cifar10", "cifar100", "imagefolder", "synthetic"),
-    ("data", "pipeline"): ("torch", "dali"),
+    ("data", "pipeline"): ("auto", "torch", "dali"),
     ("data", "label_factor"): ("shape", "color", "background"),
     ("model", "arch"): ("resnet18", "resnet50"),
     ("train", "penalty"): ("slot", "scalar", "split", "scalar_split"),

@@ -136,6 +136,14 @@ def grouped_projection(forward: Callable, x: torch.Tensor, splits: int,
     return torch.cat(outs)
 
 
+def choose_pipeline(name: str, device: torch.device) -> str:
+    """``data.pipeline``: ``auto`` is DALI on a GPU when DALI is installed, else torch."""
+    if name != "auto":
+        return name
+    from .data.dali import dali_available
+    return "dali" if device.type == "cuda" and dali_available()[0] else "torch"
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
@@ -314,7 +322,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
                                    drop_last=False, device=device)
     aug_gen = torch.Generator(device=device).manual_seed(seed)
     dali_views = None
-    if cfg.data.pipeline == "dali":    # training views from NVIDIA DALI (same order, per-epoch
+    if choose_pipeline(cfg.data.pipeline, device) == "dali":             # training views from NVIDIA DALI (same order, per-epoch
         from .data.dali import DaliTwoViewLoader, dali_available   # seeds); the rest stays torch
         ok, why = dali_available()
         if not ok:

@@ -444,3 +444,14 @@ def test_unreadable_checkpoint_is_reported(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "cannot be read" in err and "Traceback" not in err
+
+
+def test_pipeline_auto_is_dali_only_on_a_gpu(monkeypatch):
+    from fastipirm.data import dali
+    from fastipirm.train import choose_pipeline
+    assert choose_pipeline("auto", torch.device("cpu")) == "torch"
+    assert choose_pipeline("dali", torch.device("cpu")) == "dali"
+    monkeypatch.setattr(dali, "dali_available", lambda: (True, "x"))
+    assert choose_pipeline("auto", torch.device("cuda")) == "dali"
+    monkeypatch.setattr(dali, "dali_available", lambda: (False, "not installed"))
+    assert choose_pipeline("auto", torch.device("cuda")) == "torch"
