@@ -9,13 +9,7 @@ from fastipirm import partition as part
 from fastipirm.objectives.ipirm import maximization_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one CPU thread is faster and immune to oversubscription on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KW = dict(temperature=0.5, irm_temperature=0.5, irm_weight=0.5, constrain=True,
