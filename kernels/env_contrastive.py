@@ -76,6 +76,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastipirm.ops.torch_backend import _Setup as _TorchSetup
+
 from .utils import next_pow2
 
 MAX_D = 256
@@ -430,51 +432,18 @@ def _grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw, pr
 # O(N M) glue (differentiable torch; mirrors fastipirm.ops.torch_backend)
 # ----------------------------------------------------------------------------------------------
 
-class _Setup:
-    """Weights-derived O(N M) quantities of one call (differentiable w.r.t. ``w`` in soft mode)."""
+class _Setup(_TorchSetup):
+    """The torch backend's weights-derived O(N M) quantities (differentiable w.r.t. ``w`` in soft
+    mode, which the backward's ``torch.func.vjp`` relies on), plus the number of penalty bands."""
 
     def __init__(self, w: torch.Tensor, soft: bool, nonorm: bool, penalty: str):
-        batch, m = w.shape
-        n = 2 * batch
-        dev = w.device
-        self.n, self.m = n, m
-        w2 = torch.cat([w, w])
-        self.w2 = w2
-        if soft:
-            others = 2.0 * (w.double().sum(0, keepdim=True) - w2.double())
-            self.kappa = torch.where(others > 0, (n - 2) / others.clamp_min(1e-300),
-                                     0.0).to(w.dtype)
-            self.pos = torch.arange(n, device=dev)[:, None].expand(n, m)
-        else:
-            self.kappa = torch.ones_like(w2)
-            self.pos = (torch.cumsum(w2, 0) - w2).round().long()
-        self.total = w2.sum(0)
-        self.norm = torch.full_like(self.total, float(n)) if (soft and nonorm) else self.total
-        self.split = penalty in ("split", "scalar_split")
-        if self.split:
-            parity = self.pos if not soft else torch.arange(n, device=dev)[:, None].expand(n, m)
-            even = (parity % 2 == 0).to(w2.dtype)
-            halves = torch.cat([w2 * even, w2 * (1.0 - even)], 1)
-            if soft and nonorm:
-                half_norm = torch.cat([even.sum(0), (1.0 - even).sum(0)])
-            else:
-                half_norm = halves.sum(0)
-            self.group_weight = halves / half_norm.clamp_min(1e-30)
-            self.group_pos = self.pos.repeat(1, 2)
-        else:
-            self.group_weight = w2 / self.norm.clamp_min(1e-30)
-            self.group_pos = self.pos
-        self.reps = self.group_weight.shape[1] // m
+        super().__init__(w, soft, nonorm, penalty)
         self.scalar = penalty in ("scalar", "scalar_split")
-        self.slots = 1 if self.scalar else n
-        self.nbands = 1 if self.scalar else 3
+        self.nbands = self.nbands_of(penalty)
 
     @staticmethod
     def nbands_of(penalty: str) -> int:
         return 1 if penalty in ("scalar", "scalar_split") else 3
-
-    def rep(self, t: torch.Tensor) -> torch.Tensor:
-        return t.repeat(1, self.reps) if self.reps > 1 else t
 
 
 def _z(e_pos, kappa, zn):

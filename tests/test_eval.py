@@ -126,23 +126,13 @@ def test_linear_probe_bn_modes():
     assert all(n == 0 for _, n in SharedLog.log)
 
 
-class MeanColour(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoder = ModeRecorder()
-
-    def forward(self, x):
-        h = self.encoder(x)
-        return F.normalize(h, dim=1), F.normalize(h, dim=1)
-
-
 def test_factor_evaluation_reads_each_factor():
     train, test = colour_dataset(300, 7), colour_dataset(150, 8)
     rng = np.random.default_rng(0)
     for d in (train, test):
         d.factors = {"colour": d.labels.copy(), "coin": rng.integers(0, 2, len(d.labels)),
                      "size": rng.random(len(d.labels)).astype(np.float32)}  # continuous: skipped
-    model = MeanColour().train()
+    model = Wrapper().train()
     res = ev.factor_evaluation(model, train, test, k=20, temperature=0.5, batch_size=64,
                                device=torch.device("cpu"), transform=to_float,
                                linear_epochs=40, linear_batch_size=64, linear_lr=0.05,

@@ -20,7 +20,7 @@ import random
 import pytest
 import torch
 
-from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, relative_error
+from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, relative_error
 from fastipirm.ops import PENALTIES, env_contrastive_loss_reference
 
 # TRITON_INTERPRET must be set when the kernels are decorated (first import of the kernel module);
@@ -66,25 +66,16 @@ def seed():
 
 
 def make(case: Case, norms=None, min_weight=0.0, device="cpu"):
-    """Unit-norm features (or norms drawn uniformly from ``norms``) and weights for a case."""
-    z1 = torch.nn.functional.normalize(torch.randn(case.batch, case.dim), dim=1)
-    z2 = torch.nn.functional.normalize(torch.randn(case.batch, case.dim), dim=1)
+    """``fastipirm.check.make_inputs``, with feature norms drawn uniformly from ``norms`` and soft
+    weights rescaled into ``[min_weight, 1)`` (not for the special empty/single/equal columns)."""
+    z1, z2, w = make_inputs(case, device=device)
     if norms is not None:
         lo, hi = norms
-        z1 = z1 * (lo + (hi - lo) * torch.rand(case.batch, 1))
-        z2 = z2 * (lo + (hi - lo) * torch.rand(case.batch, 1))
-    if case.soft:
-        w = min_weight + (1 - min_weight) * torch.rand(case.batch, case.envs)
-    else:
-        w = (torch.rand(case.batch, case.envs) < 0.5).float()
-    if case.special == "empty":
-        w[:, 0] = 0.0
-    elif case.special == "single":
-        w[:, 0] = 0.0
-        w[case.batch // 2, 0] = 1.0
-    elif case.special == "equal":
-        w[:] = 0.5 if case.soft else 1.0
-    return z1.to(device), z2.to(device), w.to(device)
+        z1 = z1 * (lo + (hi - lo) * torch.rand(case.batch, 1, device=device))
+        z2 = z2 * (lo + (hi - lo) * torch.rand(case.batch, 1, device=device))
+    if case.soft and min_weight > 0 and not case.special:
+        w = min_weight + (1 - min_weight) * w
+    return z1, z2, w
 
 
 def kwargs(case):
