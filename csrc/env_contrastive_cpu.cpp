@@ -1,335 +1,613 @@
-// fastipirm C++ CPU kernel of env_contrastive_loss: the streamed part of forward and backward.
+// fastipirm C++ CPU kernels of env_contrastive_loss: the three kernels of fastipirm/ops/fused.py.
 //
-// The N x N similarity (N = 2B, both views) is never stored: rows are processed in tiles of up to
-// kTileRows; each tile computes its similarity rows (dot products over D), the per-environment
-// row statistics (max-shifted exponentials, Z for every environment column), the loss, and the
-// band-wise column reductions of the per-slot IRM penalty. The backward recomputes the tile and
-// applies the closed-form gradients. Python (fastipirm/ops/torch_backend.py) does the O(N M)
-// prologue and epilogue, so the mathematics is documented there once; variable names follow it.
+// The O(N M) glue (kappa, norms, slots, penalty variants, its vjp) is the shared torch code of
+// fastipirm/ops/fused.py, which states each kernel's contract; the Triton and CUDA backends
+// implement the same three kernels. Here:
 //
-// Parallelism: at::parallel_for (OpenMP) over row tiles. Column accumulators (penalty band sums,
-// column-side feature gradients, column weight gradients) are per thread and summed in thread
-// order afterwards, so results are deterministic for a given thread count.
+//   rowstats  zn = E W2, znt = E~ W2 with a row shift m (E = exp((S - m_a)/T) on negatives);
+//   band      the penalty's band column reductions (forward) or row reduction (backward);
+//   grad      dF = (dS + dS^T) F from the closed-form dS, and the weight gradient of the row sums.
+//
+// S = F F^T (N = 2B rows, both views) is never stored. Every kernel walks the unordered pairs of
+// kTile x kTile tiles (I <= J): one similarity tile S_IJ = F_I F_J^T serves the anchors of I
+// against the columns of J and, transposed, the anchors of J against the columns of I, so each
+// kernel computes half of the similarity. Inner loops are register-blocked GEMM micro-kernels on
+// GCC vector types (AVX-512/AVX2/NEON alike) and a vectorised exponential; tile-local
+// elementwise work (exponentials, masks, the three diagonal bands of the per-slot penalty) is
+// done once per tile. Pairs are split over threads with at::parallel_for (OpenMP); every output
+// is accumulated per thread and the thread copies are summed in thread order, so results are
+// deterministic for a given thread count.
+//
+// Row shift: the row max of S over the negatives and the positive, found online in rowstats (as in
+// the other backends), so every exponential is <= 1 for any temperature and feature norm.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kTileRows = 8;
+constexpr int64_t kTile = 64;
+
+// ------------------------------------------------------------------------------------------------
+// vector helpers and the GEMM micro-kernel
+// ------------------------------------------------------------------------------------------------
 
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-template <typename T>
-inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// Band of column c for a row whose sample index is i: 0 (c < i), 1 (i < c < i + B), 2 (c > i + B).
-inline int band_of(int64_t c, int64_t i, int64_t batch) {
-  return c < i ? 0 : (c > i + batch ? 2 : 1);
-}
-
-struct Shape {
-  int64_t n, d, m, g, batch;
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int kLanes = 64 / sizeof(T);
 };
 
-// Row statistics of one row at one temperature (see torch_backend._path).
 template <typename T>
-struct RowStats {
-  T shift, x_pos, exp_pos;
-  std::vector<T> neg_sum, z;  // (M)
-  explicit RowStats(int64_t m) : neg_sum(m), z(m) {}
+inline typename Vec<T>::type loadu(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void storeu(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// O[RB x NV*L] += A[RB x K] B[K x NV*L]: A[r][k] = a[r * ars + k * aks] (so A may be a transposed
+// tile), B and O row-major with leading dimensions ldb, ldo.
+template <typename T, int RB, int NV>
+inline void micro(int64_t k_dim, const T* __restrict a, int64_t ars, int64_t aks,
+                  const T* __restrict b, int64_t ldb, T* __restrict o, int64_t ldo) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::kLanes;
+  V acc[RB][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = loadu(o + r * ldo + v * L);
+  for (int64_t k = 0; k < k_dim; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = loadu(b + k * ldb + v * L);
+#if defined(__x86_64__)
+      asm("" : "+v"(bv[v]));  // keep the row of b in a register (GCC re-loads it per FMA)
+#endif
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const T s = a[r * ars + k * aks];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * s;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) storeu(o + r * ldo + v * L, acc[r][v]);
+}
+
+template <typename T, int RB, int NV>
+inline void micro_rows(int64_t rows, int64_t k_dim, const T* a, int64_t ars, int64_t aks,
+                       const T* b, int64_t ldb, T* o, int64_t ldo) {
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB)
+    micro<T, RB, NV>(k_dim, a + r * ars, ars, aks, b, ldb, o + r * ldo, ldo);
+  for (; r < rows; ++r) micro<T, 1, NV>(k_dim, a + r * ars, ars, aks, b, ldb, o + r * ldo, ldo);
+}
+
+// O[rows x cols] += A[rows x K] B[K x cols], A[r][k] = a[r * ars + k * aks].
+template <typename T>
+void gemm_acc(int64_t rows, int64_t cols, int64_t k_dim, const T* a, int64_t ars, int64_t aks,
+              const T* b, int64_t ldb, T* o, int64_t ldo) {
+  constexpr int L = Vec<T>::kLanes;
+  int64_t c = 0;
+  for (; c + 4 * L <= cols; c += 4 * L)
+    micro_rows<T, 4, 4>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
+  for (; c + 2 * L <= cols; c += 2 * L)
+    micro_rows<T, 6, 2>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
+  for (; c + L <= cols; c += L)
+    micro_rows<T, 8, 1>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
+  if (c < cols) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < k_dim; ++k) {
+        const T s = a[r * ars + k * aks];
+        for (int64_t cc = c; cc < cols; ++cc) o[r * ldo + cc] += s * b[k * ldb + cc];
+      }
+  }
+}
+
+// exp on one vector (Cephes expf: 2^n * p(r), |r| <= ln2/2, ~1 ulp); inputs above 88 are clamped,
+// below -87.3 give 0. Vector-extension code, so it vectorises on any SIMD width.
+inline Vec<float>::type vexp(Vec<float>::type v) {
+  using V = Vec<float>::type;
+  typedef int32_t VI __attribute__((vector_size(64)));
+  const VI under = v < -87.3f;
+  v = v > 88.0f ? V{} + 88.0f : v;
+  v = v < -87.3f ? V{} - 87.3f : v;
+  const V t = v * 1.44269504088896341f + 0.5f;
+  VI n = __builtin_convertvector(t, VI);               // truncation; make it floor
+  n += __builtin_convertvector(n, V) > t;              // true is -1
+  const V fx = __builtin_convertvector(n, V);
+  const V r = v - fx * 0.693359375f + fx * 2.12194440e-4f;
+  V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const V scale = (V)((n + 127) << 23);
+  return under ? V{} : y * scale;
+}
+
+inline void exp_inplace(float* x, int64_t n) {
+  constexpr int L = Vec<float>::kLanes;
+  int64_t k = 0;
+  for (; k + L <= n; k += L) storeu(x + k, vexp(loadu(x + k)));
+  for (; k < n; ++k) x[k] = x[k] < -87.3f ? 0.0f : std::exp(std::min(x[k], 88.0f));
+}
+
+inline void exp_inplace(double* x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) x[k] = std::exp(x[k]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// tiles: padded features, the similarity tile, masks and bands
+// ------------------------------------------------------------------------------------------------
+
+constexpr int64_t kTT = kTile * kTile;
+
+// Tile products (kTile x kTile tile x, row-major) with a (kTile x g) factor: o += x f (NN: the
+// output rows are the tile's rows) or o += x^T f (TN: the output rows are the tile's columns).
+template <typename T>
+inline void tile_mul(const T* x, bool transpose, const T* f, int64_t g, T* o) {
+  if (transpose)
+    gemm_acc<T>(kTile, g, kTile, x, 1, kTile, f, g, o, g);
+  else
+    gemm_acc<T>(kTile, g, kTile, x, kTile, 1, f, g, o, g);
+}
+
+// A (npad, cols) row-major copy of a (rows, cols) tensor with zero rows beyond `rows`, and the
+// (cols, npad) transpose (ATen's copy kernels: O(N D) preparation, not the kernel's hot loop).
+inline at::Tensor padded(const at::Tensor& x, int64_t npad) {
+  return at::constant_pad_nd(x, {0, 0, 0, npad - x.size(0)}).contiguous();
+}
+
+inline at::Tensor padded_t(const at::Tensor& x, int64_t npad) {
+  return padded(x, npad).t().contiguous();
+}
+
+template <typename T>
+struct Tiles {
+  int64_t n, npad, d, batch, nt;
+  at::Tensor f_t, ft_t;
+  const T* f;   // (npad, d), zero rows beyond n
+  const T* ft;  // (d, npad)
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+
+  Tiles(const at::Tensor& feats, int64_t batch_) : batch(batch_) {
+    n = feats.size(0);
+    d = feats.size(1);
+    nt = (n + kTile - 1) / kTile;
+    npad = nt * kTile;
+    f_t = padded(feats, npad);
+    ft_t = f_t.t().contiguous();
+    f = f_t.data_ptr<T>();
+    ft = ft_t.data_ptr<T>();
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t j = i; j < nt; ++j) pairs.emplace_back(i * kTile, j * kTile);
+  }
+
+  // s[r * kTile + c] = <F[i0 + r], F[j0 + c]>
+  void sim(int64_t i0, int64_t j0, T* s) const {
+    std::fill(s, s + kTT, T(0));
+    gemm_acc<T>(kTile, kTile, d, f + i0 * d, d, 1, ft + j0, npad, s, kTile);
+  }
+
+  // Band of column `col` for anchor `anchor`: 0 (col < i), 1 (i <= col <= i + B), 2 (above); the
+  // columns i and i + B themselves are not negatives, so their band never matters.
+  int band(int64_t anchor, int64_t col) const {
+    const int64_t i = anchor % batch;
+    return col < i ? 0 : (col > i + batch ? 2 : 1);
+  }
+
+  // Band of the tile element (r, c) of tile (i0, j0): anchors are rows (anchor_rows) or columns.
+  int band_at(int64_t i0, int64_t j0, bool anchor_rows, int64_t r, int64_t c) const {
+    const int64_t anchor = anchor_rows ? i0 + r : j0 + c, col = anchor_rows ? j0 + c : i0 + r;
+    return anchor < n ? band(anchor, col) : 0;
+  }
+
+  // The band shared by every valid (anchor, column) of tile (i0, j0), or -1 (bands are monotone
+  // in the column, so the two extreme columns decide).
+  int uniform_band(int64_t i0, int64_t j0, bool anchor_rows) const {
+    const int64_t a0 = anchor_rows ? i0 : j0, o0 = anchor_rows ? j0 : i0;
+    const int64_t o1 = std::min(o0 + kTile, n) - 1;
+    if (o1 < o0) return -1;
+    int found = -1;
+    for (int64_t a = a0; a < std::min(a0 + kTile, n); ++a) {
+      const int lo = band(a, o0), hi = band(a, o1);
+      if (lo != hi || (found >= 0 && lo != found)) return -1;
+      found = lo;
+    }
+    return found;
+  }
 };
 
-// sim: the row's N similarities; e: out, the row's shifted exponentials (0 at a and a').
+// x[r][c] = exp((s[r][c] - m_anchor) * scale) (times s[r][c] * kscale unless kscale is 0) on the
+// negatives, 0 elsewhere; the anchor is the row (row_shift) or the column. The negative mask
+// (not self, not partner, not padding) is symmetric, so it does not depend on that choice.
 template <typename T>
-void row_stats(const T* sim, int64_t a, const Shape& s, T temperature, const T* w2, const T* kappa,
-               T* e, RowStats<T>& out) {
-  const int64_t partner = (a + s.batch) % s.n;
-  const T inv_t = T(1) / temperature;
-  T shift = -std::numeric_limits<T>::infinity();
-  for (int64_t c = 0; c < s.n; ++c)
-    if (c != a) shift = std::max(shift, sim[c] * inv_t);
-  out.shift = shift;
-  out.x_pos = sim[partner] * inv_t;
-  out.exp_pos = std::exp(out.x_pos - shift);
-  std::fill(out.neg_sum.begin(), out.neg_sum.end(), T(0));
-  T* ns = out.neg_sum.data();
-  for (int64_t c = 0; c < s.n; ++c) {
-    if (c == a || c == partner) {
-      e[c] = 0;
+void exp_tile(const Tiles<T>& t, const T* s, const T* m, int64_t i0, int64_t j0, bool row_shift,
+              T scale, T kscale, T* x) {
+  if constexpr (std::is_same<T, float>::value) {
+    using V = Vec<float>::type;
+    constexpr int L = Vec<float>::kLanes;
+    for (int64_t r = 0; r < kTile; ++r) {
+      const V mr = V{} + m[i0 + r];
+      for (int64_t c = 0; c < kTile; c += L) {
+        const V sv = loadu(s + r * kTile + c);
+        V e = vexp((sv - (row_shift ? mr : loadu(m + j0 + c))) * scale);
+        if (kscale != 0.0f) e *= sv * kscale;
+        storeu(x + r * kTile + c, e);
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < kTile; ++r)
+      for (int64_t c = 0; c < kTile; ++c) {
+        const T sv = s[r * kTile + c];
+        const T e = std::exp((sv - m[row_shift ? i0 + r : j0 + c]) * scale);
+        x[r * kTile + c] = kscale != T(0) ? e * sv * kscale : e;
+      }
+  }
+  for (int64_t r = 0; r < kTile; ++r) {
+    T* xr = x + r * kTile;
+    const int64_t a = i0 + r;
+    if (a >= t.n) {
+      std::fill(xr, xr + kTile, T(0));
       continue;
     }
-    const T ec = std::exp(sim[c] * inv_t - shift);
-    e[c] = ec;
-    axpy(ec, w2 + c * s.m, ns, s.m);
-  }
-  const T tiny = std::numeric_limits<T>::min();
-  for (int64_t j = 0; j < s.m; ++j)
-    out.z[j] = std::max(out.exp_pos + kappa[a * s.m + j] * ns[j], tiny);
-}
-
-// log Z - x_pos + shift as log1p(kappa * neg_sum / exp_pos): exact for losses near 0; the direct
-// form for rows whose ratio overflows (see torch_backend._per_anchor).
-template <typename T>
-inline T per_anchor(const RowStats<T>& st, T kappa, int64_t j) {
-  const T ratio = kappa * st.neg_sum[j] / st.exp_pos;
-  return std::isfinite(ratio) ? std::log1p(ratio) : std::log(st.z[j]) + st.shift - st.x_pos;
-}
-
-// Similarity rows of a tile: sim[r * N + c] = <F[a0 + r], F[c]>.
-template <typename T>
-void tile_similarity(const T* feats, int64_t a0, int64_t rows, const Shape& s, T* sim) {
-  for (int64_t c = 0; c < s.n; ++c) {
-    const T* fc = feats + c * s.d;
-    for (int64_t r = 0; r < rows; ++r) sim[r * s.n + c] = dot(feats + (a0 + r) * s.d, fc, s.d);
+    const int64_t i = a % t.batch;
+    for (int64_t col : {i, i + t.batch})
+      if (col >= j0 && col < j0 + kTile) xr[col - j0] = T(0);
+    for (int64_t c = std::max<int64_t>(0, t.n - j0); c < kTile; ++c) xr[c] = T(0);
   }
 }
 
+// sum_b op(x restricted to band b) fac[b] accumulated into out[b] (op: transpose or not); a tile
+// in one band (or nb == 1: the whole negative mask is band 0) needs one product.
 template <typename T>
-std::vector<at::Tensor> forward_rows_impl(const at::Tensor& feats_t, const at::Tensor& w2_t,
-                                          const at::Tensor& kappa_t, const at::Tensor& gw_t,
-                                          const at::Tensor& kappag_t, double t1, double t2,
-                                          int64_t batch) {
-  const Shape s{feats_t.size(0), feats_t.size(1), w2_t.size(1), gw_t.size(1), batch};
-  const T* feats = feats_t.data_ptr<T>();
-  const T* w2 = w2_t.data_ptr<T>();
-  const T* kappa = kappa_t.data_ptr<T>();
-  const T* gw = gw_t.data_ptr<T>();
-  const T* kappag = kappag_t.data_ptr<T>();
-  const T temp = T(t1), irm_temp = T(t2);
-  const bool same_t = t1 == t2;
-  const int threads = at::get_num_threads();
-  const int64_t tiles = (s.n + kTileRows - 1) / kTileRows;
-  std::vector<std::vector<T>> loss_acc(threads, std::vector<T>(s.m, 0));
-  std::vector<std::vector<T>> gpos_acc(threads, std::vector<T>(s.g, 0));
-  std::vector<std::vector<T>> col_acc(threads);
+void band_mul(const Tiles<T>& t, const T* x, int64_t i0, int64_t j0, bool anchor_rows, int64_t nb,
+              bool transpose, const T* const fac[3], T* const out[3], int64_t g, T* scratch) {
+  const int ub = nb == 1 ? 0 : t.uniform_band(i0, j0, anchor_rows);
+  if (ub >= 0) {
+    tile_mul(x, transpose, fac[ub], g, out[ub]);
+    return;
+  }
+  for (int b = 0; b < 3; ++b) {
+    for (int64_t r = 0; r < kTile; ++r)
+      for (int64_t c = 0; c < kTile; ++c)
+        scratch[r * kTile + c] = t.band_at(i0, j0, anchor_rows, r, c) == b ? x[r * kTile + c] : T(0);
+    tile_mul(scratch, transpose, fac[b], g, out[b]);
+  }
+}
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    auto& cols = col_acc[tid];
-    if (cols.empty()) cols.assign(3 * s.n * s.g, T(0));
-    std::vector<T> sim(kTileRows * s.n), e(s.n), e2(s.n), zg(s.g), rc(s.g);
-    RowStats<T> st(s.m), st2(s.m);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t a0 = tile * kTileRows, rows = std::min(kTileRows, s.n - a0);
-      tile_similarity(feats, a0, rows, s, sim.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t a = a0 + r, i = a % batch;
-        const T* srow = sim.data() + r * s.n;
-        row_stats(srow, a, s, temp, w2, kappa, e.data(), st);
-        for (int64_t j = 0; j < s.m; ++j)
-          loss_acc[tid][j] += w2[a * s.m + j] * per_anchor(st, kappa[a * s.m + j], j);
-        const T* ep = e.data();
-        RowStats<T>* p = &st;
-        if (!same_t) {
-          row_stats(srow, a, s, irm_temp, w2, kappa, e2.data(), st2);
-          ep = e2.data();
-          p = &st2;
-        }
-        for (int64_t q = 0; q < s.g; ++q) {
-          zg[q] = p->z[q % s.m];
-          const T w = gw[a * s.g + q];
-          gpos_acc[tid][q] += w * (p->exp_pos / zg[q] - T(1)) * p->x_pos;
-          rc[q] = w * kappag[a * s.g + q] / zg[q];
-        }
-        const T inv_t = T(1) / irm_temp;
-        for (int64_t c = 0; c < s.n; ++c) {
-          const T k = ep[c] * srow[c] * inv_t;
-          if (k == T(0)) continue;
-          axpy(k, rc.data(), cols.data() + (band_of(c, i, batch) * s.n + c) * s.g, s.g);
-        }
-      }
+// x[r][c] = sum_q a_b[r][q] bt_b[q][c] with b the band of (r, c): a_b (kTile x g, ld g), bt_b
+// (g x kTile, ld npad).
+template <typename T>
+void band_select(const Tiles<T>& t, int64_t i0, int64_t j0, bool anchor_rows, int64_t nb,
+                 const T* const a[3], const T* const bt[3], int64_t g, T* x, T* scratch) {
+  const int ub = nb == 1 ? 0 : t.uniform_band(i0, j0, anchor_rows);
+  std::fill(x, x + kTT, T(0));
+  if (ub >= 0) {
+    gemm_acc<T>(kTile, kTile, g, a[ub], g, 1, bt[ub], t.npad, x, kTile);
+    return;
+  }
+  for (int b = 0; b < 3; ++b) {
+    std::fill(scratch, scratch + kTT, T(0));
+    gemm_acc<T>(kTile, kTile, g, a[b], g, 1, bt[b], t.npad, scratch, kTile);
+    for (int64_t r = 0; r < kTile; ++r)
+      for (int64_t c = 0; c < kTile; ++c)
+        if (t.band_at(i0, j0, anchor_rows, r, c) == b) x[r * kTile + c] = scratch[r * kTile + c];
+  }
+}
+
+// Per-thread accumulators summed in thread order (deterministic for a given thread count).
+template <typename T>
+struct Accum {
+  std::vector<std::vector<T>> parts;
+  int64_t size;
+  T init;
+  explicit Accum(int64_t size_, T init_ = T(0))
+      : parts(at::get_num_threads()), size(size_), init(init_) {}
+  T* mine(const T* first = nullptr) {  // this thread's copy; `first`: its initial values
+    auto& p = parts[at::get_thread_num()];
+    if (p.empty()) {
+      if (first != nullptr)
+        p.assign(first, first + size);
+      else
+        p.assign(size, init);
     }
+    return p.data();
+  }
+  void sum_into(T* out, int64_t count) const {  // the first `count` entries
+    std::fill(out, out + count, T(0));
+    for (const auto& p : parts)
+      if (!p.empty())
+        for (int64_t k = 0; k < count; ++k) out[k] += p[k];
+  }
+};
+
+// Run body(i0, j0, scratch) over the unordered tile pairs, split over threads round-robin (the
+// cheaper diagonal pairs spread evenly); the split only depends on the thread count.
+template <typename T, typename Body>
+void for_pairs(const Tiles<T>& t, int scratch_tiles, Body body) {
+  const int64_t pairs = static_cast<int64_t>(t.pairs.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(scratch_tiles * kTT);
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t p = w; p < pairs; p += workers)
+        body(t.pairs[p].first, t.pairs[p].second, scratch.data());
   });
-
-  auto opts = feats_t.options();
-  at::Tensor loss_sum = at::zeros({s.m}, opts), g_pos = at::zeros({s.g}, opts);
-  at::Tensor col_sums = at::zeros({3, s.n, s.g}, opts);
-  T* ls = loss_sum.data_ptr<T>();
-  T* gp = g_pos.data_ptr<T>();
-  T* cs = col_sums.data_ptr<T>();
-  for (int t = 0; t < threads; ++t) {
-    for (int64_t j = 0; j < s.m; ++j) ls[j] += loss_acc[t][j];
-    for (int64_t q = 0; q < s.g; ++q) gp[q] += gpos_acc[t][q];
-    if (!col_acc[t].empty())
-      for (int64_t x = 0; x < 3 * s.n * s.g; ++x) cs[x] += col_acc[t][x];
-  }
-  return {loss_sum, g_pos, col_sums};
 }
 
-template <typename T>
-std::vector<at::Tensor> backward_rows_impl(const at::Tensor& feats_t, const at::Tensor& w2_t,
-                                           const at::Tensor& kappa_t, const at::Tensor& gw_t,
-                                           const at::Tensor& kappag_t, double t1, double t2,
-                                           int64_t batch, const at::Tensor& d_loss_t,
-                                           const at::Tensor& normc_t,
-                                           const at::Tensor& col_factors_t,
-                                           const at::Tensor& gamma0_t, bool soft) {
-  const Shape s{feats_t.size(0), feats_t.size(1), w2_t.size(1), gw_t.size(1), batch};
-  const int64_t reps = s.g / s.m;
-  const T* feats = feats_t.data_ptr<T>();
-  const T* w2 = w2_t.data_ptr<T>();
-  const T* kappa = kappa_t.data_ptr<T>();
-  const T* gw = gw_t.data_ptr<T>();
-  const T* kappag = kappag_t.data_ptr<T>();
-  const T* d_loss = d_loss_t.data_ptr<T>();
-  const T* normc = normc_t.data_ptr<T>();
-  const T* colf = col_factors_t.data_ptr<T>();
-  const T* gamma0 = gamma0_t.data_ptr<T>();
-  const T temp = T(t1), irm_temp = T(t2);
-  const bool same_t = t1 == t2;
-  auto opts = feats_t.options();
-  at::Tensor d_feats = at::zeros({s.n, s.d}, opts);
-  at::Tensor d_w2 = at::zeros({s.n, s.m}, opts), d_kappa = at::zeros({s.n, s.m}, opts);
-  at::Tensor d_gw = at::zeros({s.n, s.g}, opts);
-  T* dfe = d_feats.data_ptr<T>();
-  T* dw2 = d_w2.data_ptr<T>();
-  T* dka = d_kappa.data_ptr<T>();
-  T* dgw = d_gw.data_ptr<T>();
-  const int threads = at::get_num_threads();
-  const int64_t tiles = (s.n + kTileRows - 1) / kTileRows;
-  std::vector<std::vector<T>> dfeat_acc(threads), dw2_acc(threads), col_acc(threads);
-  std::vector<std::vector<T>> loss_acc(threads, std::vector<T>(s.m, 0));
+// ------------------------------------------------------------------------------------------------
+// kernel 1: row statistics
+// ------------------------------------------------------------------------------------------------
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    auto& dfeat_cols = dfeat_acc[tid];
-    if (dfeat_cols.empty()) {
-      dfeat_cols.assign(s.n * s.d, T(0));
-      if (soft) {
-        dw2_acc[tid].assign(s.n * s.m, T(0));
-        col_acc[tid].assign(3 * s.n * s.g, T(0));
-      }
-    }
-    std::vector<T> sim(kTileRows * s.n), dsim(kTileRows * s.n), e(s.n), e2(s.n);
-    std::vector<T> dns(s.m), dz(s.m), zg(s.g), rc(s.g), drc(s.g), dppos(s.g), ppos(s.g);
-    RowStats<T> st(s.m), st2(s.m);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t a0 = tile * kTileRows, rows = std::min(kTileRows, s.n - a0);
-      tile_similarity(feats, a0, rows, s, sim.data());
-      std::fill(dsim.begin(), dsim.end(), T(0));
+// Online row statistics (the flash-attention recurrence): every thread keeps, per anchor, a
+// running max m (initialised with the positive logit, a lower bound of the row max, so it is
+// finite from the start) and sums rescaled by exp((m_old - m_new) / T) whenever m grows; the
+// thread copies are merged the same way, in thread order.
+template <typename T>
+std::vector<at::Tensor> rowstats_impl(const at::Tensor& feats, const at::Tensor& spos,
+                                      const at::Tensor& w2_t, int64_t batch, double t1_,
+                                      double t2_, bool two_t) {
+  const Tiles<T> t(feats, batch);
+  const int64_t npad = t.npad, mm = w2_t.size(1);
+  const at::Tensor w2_p = padded(w2_t, npad);
+  const T* w2 = w2_p.data_ptr<T>();
+  const T t1 = T(t1_), t2 = T(t2_);
+  std::vector<T> init(npad, T(0));
+  std::copy(spos.data_ptr<T>(), spos.data_ptr<T>() + t.n, init.begin());
+  Accum<T> acc_z1(npad * mm), acc_z2(two_t ? npad * mm : 0), acc_m(npad);
+  for_pairs(t, 2, [&](int64_t i0, int64_t j0, T* scratch) {
+    T* z1 = acc_z1.mine();
+    T* z2 = two_t ? acc_z2.mine() : nullptr;
+    T* mx = acc_m.mine(init.data());
+    T *s = scratch, *e = scratch + kTT;
+    t.sim(i0, j0, s);
+    const int64_t rows = std::min(kTile, t.n - i0), cols = std::min(kTile, t.n - j0);
+    // dir 0: anchors I (rows of the tile) against columns J; dir 1: anchors J (columns), rows I
+    for (int dir = 0; dir < (i0 == j0 ? 1 : 2); ++dir) {
+      const bool ra = dir == 0;
+      const int64_t a0 = ra ? i0 : j0, c0 = ra ? j0 : i0, na = ra ? rows : cols;
+      T tile_max[kTile];
+      for (int64_t q = 0; q < kTile; ++q) tile_max[q] = -std::numeric_limits<T>::infinity();
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t a = a0 + r, i = a % batch, partner = (a + batch) % s.n;
-        const T* srow = sim.data() + r * s.n;
-        T* drow = dsim.data() + r * s.n;
-        // ---- loss path at `temperature`
-        row_stats(srow, a, s, temp, w2, kappa, e.data(), st);
-        T sum_dell = 0, sum_dz = 0;
-        for (int64_t j = 0; j < s.m; ++j) {
-          const T dell = d_loss[j] * w2[a * s.m + j] / normc[j];
-          if (soft) {
-            const T ell = per_anchor(st, kappa[a * s.m + j], j);
-            dw2[a * s.m + j] += d_loss[j] * ell / normc[j];
-            loss_acc[tid][j] += w2[a * s.m + j] * ell;
+        const T* sr = s + r * kTile;
+        if (ra) {
+          T best = tile_max[r];
+          if (i0 == j0) {  // the diagonal tile holds the anchor itself
+            for (int64_t c = 0; c < cols; ++c)
+              if (c != r) best = std::max(best, sr[c]);
+          } else {
+#pragma omp simd reduction(max : best)
+            for (int64_t c = 0; c < cols; ++c) best = std::max(best, sr[c]);
           }
-          dz[j] = dell / st.z[j];
-          sum_dell += dell;
-          sum_dz += dz[j];
-          dns[j] = dz[j] * kappa[a * s.m + j];
-          if (soft) dka[a * s.m + j] += dz[j] * st.neg_sum[j];
+          tile_max[r] = best;
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) tile_max[c] = std::max(tile_max[c], sr[c]);
         }
-        const T inv_t1 = T(1) / temp;
-        for (int64_t c = 0; c < s.n; ++c) {
-          const T ec = e[c];
-          if (ec == T(0)) continue;
-          drow[c] = dot(dns.data(), w2 + c * s.m, s.m) * ec * inv_t1;
-          if (soft) axpy(ec, dns.data(), dw2_acc[tid].data() + c * s.m, s.m);
-        }
-        drow[partner] += (-sum_dell + sum_dz * st.exp_pos) * inv_t1;
-
-        // ---- penalty path at `irm_temperature`
-        const T* ep = e.data();
-        RowStats<T>* p = &st;
-        if (!same_t) {
-          row_stats(srow, a, s, irm_temp, w2, kappa, e2.data(), st2);
-          ep = e2.data();
-          p = &st2;
-        }
-        const T inv_t2 = T(1) / irm_temp;
-        for (int64_t q = 0; q < s.g; ++q) {
-          zg[q] = p->z[q % s.m];
-          rc[q] = gw[a * s.g + q] * kappag[a * s.g + q] / zg[q];
-          drc[q] = 0;
-        }
-        for (int64_t c = 0; c < s.n; ++c) {  // pass A: d rc (and the column sums for d w2)
-          const T k = ep[c] * srow[c] * inv_t2;
-          if (k == T(0)) continue;
-          const int64_t off = (band_of(c, i, batch) * s.n + c) * s.g;
-          axpy(k, colf + off, drc.data(), s.g);
-          if (soft) axpy(k, rc.data(), col_acc[tid].data() + off, s.g);
-        }
-        T dxp2 = 0, dep = 0;
-        std::fill(dz.begin(), dz.end(), T(0));
-        for (int64_t q = 0; q < s.g; ++q) {
-          const T w = gw[a * s.g + q];
-          ppos[q] = p->exp_pos / zg[q];
-          dgw[a * s.g + q] = gamma0[q] * (ppos[q] - T(1)) * p->x_pos + drc[q] * kappag[a * s.g + q] / zg[q];
-          dppos[q] = gamma0[q] * w * p->x_pos;
-          dxp2 += gamma0[q] * w * (ppos[q] - T(1));
-          dz[q % s.m] += -(drc[q] * rc[q] + dppos[q] * ppos[q]) / zg[q];
-          dep += dppos[q] / zg[q];
-          if (soft) dka[a * s.m + q % s.m] += drc[q] * w / zg[q];
-        }
-        for (int64_t j = 0; j < s.m; ++j) {
-          dep += dz[j];
-          dns[j] = dz[j] * kappa[a * s.m + j];
-          if (soft) dka[a * s.m + j] += dz[j] * p->neg_sum[j];
-        }
-        for (int64_t c = 0; c < s.n; ++c) {  // pass B: d similarity
-          const T ec = ep[c];
-          if (ec == T(0)) continue;
-          const T x = srow[c] * inv_t2;
-          const T dk = dot(rc.data(), colf + (band_of(c, i, batch) * s.n + c) * s.g, s.g);
-          const T dx = (dk * (T(1) + x) + dot(dns.data(), w2 + c * s.m, s.m)) * ec;
-          drow[c] += dx * inv_t2;
-          if (soft) axpy(ec, dns.data(), dw2_acc[tid].data() + c * s.m, s.m);
-        }
-        drow[partner] += (dxp2 + dep * p->exp_pos) * inv_t2;
-        (void)reps;
       }
-      // ---- features: S = F F^T, rows get dS F, columns get dS^T F
-      for (int64_t c = 0; c < s.n; ++c) {
-        const T* fc = feats + c * s.d;
-        T* dcol = dfeat_cols.data() + c * s.d;
-        for (int64_t r = 0; r < rows; ++r) {
-          const T ds = dsim[r * s.n + c];
-          if (ds == T(0)) continue;
-          axpy(ds, fc, dfe + (a0 + r) * s.d, s.d);
-          axpy(ds, feats + (a0 + r) * s.d, dcol, s.d);
+      for (int64_t q = 0; q < na; ++q) {
+        const int64_t a = a0 + q;
+        const T m_new = std::max(mx[a], tile_max[q]);
+        if (m_new > mx[a]) {
+          const T f1 = std::exp((mx[a] - m_new) / t1);
+          for (int64_t j = 0; j < mm; ++j) z1[a * mm + j] *= f1;
+          if (two_t) {
+            const T f2 = std::exp((mx[a] - m_new) / t2);
+            for (int64_t j = 0; j < mm; ++j) z2[a * mm + j] *= f2;
+          }
+          mx[a] = m_new;
         }
+      }
+      for (int pass = 0; pass < (two_t ? 2 : 1); ++pass) {
+        exp_tile(t, s, mx, i0, j0, ra, T(1) / (pass == 0 ? t1 : t2), T(0), e);
+        tile_mul(e, !ra, w2 + c0 * mm, mm, (pass == 0 ? z1 : z2) + a0 * mm);
       }
     }
   });
-
-  at::Tensor col_sums = at::zeros({3, s.n, s.g}, opts), loss_sum = at::zeros({s.m}, opts);
-  T* cs = col_sums.data_ptr<T>();
-  T* ls = loss_sum.data_ptr<T>();
-  for (int t = 0; t < threads; ++t) {
-    if (!dfeat_acc[t].empty())
-      for (int64_t x = 0; x < s.n * s.d; ++x) dfe[x] += dfeat_acc[t][x];
-    if (!dw2_acc[t].empty())
-      for (int64_t x = 0; x < s.n * s.m; ++x) dw2[x] += dw2_acc[t][x];
-    if (!col_acc[t].empty())
-      for (int64_t x = 0; x < 3 * s.n * s.g; ++x) cs[x] += col_acc[t][x];
-    for (int64_t j = 0; j < s.m; ++j) ls[j] += loss_acc[t][j];
+  // merge the thread copies: m = max over threads, sums rescaled to it
+  auto opts = feats.options();
+  at::Tensor mrow = at::empty({t.n}, opts), zn = at::zeros({t.n, mm}, opts);
+  at::Tensor znt = two_t ? at::zeros({t.n, mm}, opts) : zn;
+  T *mo = mrow.data_ptr<T>(), *zo1 = zn.data_ptr<T>(), *zo2 = znt.data_ptr<T>();
+  for (int64_t a = 0; a < t.n; ++a) {
+    T best = init[a];
+    for (const auto& part : acc_m.parts)
+      if (!part.empty()) best = std::max(best, part[a]);
+    mo[a] = best;
+    for (size_t th = 0; th < acc_m.parts.size(); ++th) {
+      if (acc_m.parts[th].empty()) continue;
+      const T m_th = acc_m.parts[th][a];
+      const T f1 = std::exp((m_th - best) / t1), f2 = std::exp((m_th - best) / t2);
+      for (int64_t j = 0; j < mm; ++j) {
+        zo1[a * mm + j] += f1 * acc_z1.parts[th][a * mm + j];
+        if (two_t) zo2[a * mm + j] += f2 * acc_z2.parts[th][a * mm + j];
+      }
+    }
   }
-  return {d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum};
+  return {mrow, zn, two_t ? znt : zn.clone()};
 }
 
-void check_inputs(const at::Tensor& feats, const std::vector<at::Tensor>& others) {
+// ------------------------------------------------------------------------------------------------
+// kernel 2: band reductions
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+at::Tensor band_impl(const at::Tensor& feats, const at::Tensor& mrow, const at::Tensor& fac_t,
+                     int64_t nb_out, int64_t batch, double t2, bool trans, int64_t nb) {
+  const Tiles<T> t(feats, batch);
+  const int64_t npad = t.npad, g = fac_t.size(2), nfac = fac_t.size(0);
+  // (nfac, npad, g), zero rows beyond n
+  const at::Tensor fac_p = at::constant_pad_nd(fac_t, {0, 0, 0, npad - t.n}).contiguous();
+  const T* fac = fac_p.data_ptr<T>();
+  std::vector<T> m(npad, T(0));
+  std::copy(mrow.data_ptr<T>(), mrow.data_ptr<T>() + t.n, m.begin());
+  const T inv_t = T(1) / T(t2);
+  const int64_t out_bands = trans ? nb_out : 1;
+  Accum<T> acc(out_bands * npad * g);
+  for_pairs(t, 3, [&](int64_t i0, int64_t j0, T* scratch) {
+    T* out = acc.mine();
+    T *s = scratch, *k = scratch + kTT;
+    t.sim(i0, j0, s);
+    // dir 0: anchors I (rows of the tile), columns J; dir 1: anchors J, columns I
+    for (int dir = 0; dir < (i0 == j0 ? 1 : 2); ++dir) {
+      const bool rows_are_anchors = dir == 0;
+      const int64_t a0 = rows_are_anchors ? i0 : j0, c0 = rows_are_anchors ? j0 : i0;
+      exp_tile(t, s, m.data(), i0, j0, rows_are_anchors, inv_t, inv_t, k);  // K~ = E~ S / T'
+      const T* f[3];
+      T* o[3];
+      if (trans) {
+        // forward: out[b][col] += sum_anchor band_b K~ fac[anchor]: output rows are columns
+        for (int b = 0; b < 3; ++b) {
+          f[b] = fac + a0 * g;
+          o[b] = out + ((nb == 1 ? 0 : b) * npad + c0) * g;
+        }
+        band_mul(t, k, i0, j0, rows_are_anchors, nb, rows_are_anchors, f, o, g, scratch + 2 * kTT);
+      } else {
+        // backward: out[anchor] += sum_col sum_b band_b K~ fac[b][col]
+        for (int b = 0; b < 3; ++b) {
+          f[b] = fac + ((nb == 1 ? 0 : b) * npad + c0) * g;
+          o[b] = out + a0 * g;
+        }
+        band_mul(t, k, i0, j0, rows_are_anchors, nb, !rows_are_anchors, f, o, g, scratch + 2 * kTT);
+      }
+    }
+  });
+  at::Tensor result = at::zeros({nb_out, t.n, g}, feats.options());
+  std::vector<T> full(out_bands * npad * g);
+  acc.sum_into(full.data(), out_bands * npad * g);
+  T* r = result.data_ptr<T>();
+  for (int64_t b = 0; b < out_bands; ++b)
+    std::copy(full.begin() + b * npad * g, full.begin() + b * npad * g + t.n * g, r + b * t.n * g);
+  return result;
+}
+
+// ------------------------------------------------------------------------------------------------
+// kernel 3: feature (and weight) gradients
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<at::Tensor> grad_impl(const at::Tensor& feats, const at::Tensor& mrow,
+                                  const at::Tensor& w2_t, const at::Tensor& gz1_t,
+                                  const at::Tensor& gz2_t, const at::Tensor& rc_t,
+                                  const at::Tensor& gacc_t, int64_t batch, double t1, double t2,
+                                  bool two_t, bool need_gw) {
+  const Tiles<T> t(feats, batch);
+  const int64_t npad = t.npad, d = t.d, mm = w2_t.size(1), g = rc_t.size(1);
+  const int64_t nb = gacc_t.size(0);
+  // padded (npad, *) copies and (*, npad) transposes of the O(N M) inputs
+  std::vector<at::Tensor> keep;
+  auto rows_of = [&](const at::Tensor& x) {
+    keep.push_back(padded(x, npad));
+    return keep.back().data_ptr<T>();
+  };
+  auto cols_of = [&](const at::Tensor& x) {
+    keep.push_back(padded_t(x, npad));
+    return keep.back().data_ptr<T>();
+  };
+  const T *w2 = rows_of(w2_t), *w2t = cols_of(w2_t);
+  const T *gz1 = rows_of(gz1_t), *gz1t = cols_of(gz1_t);
+  const T* gz2 = two_t ? rows_of(gz2_t) : gz1;
+  const T* gz2t = two_t ? cols_of(gz2_t) : gz1t;
+  const T *rc = rows_of(rc_t), *rct = cols_of(rc_t);
+  std::vector<const T*> gacc(nb), gacct(nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    gacc[b] = rows_of(gacc_t[b]);
+    gacct[b] = cols_of(gacc_t[b]);
+  }
+  std::vector<T> m(npad, T(0));
+  std::copy(mrow.data_ptr<T>(), mrow.data_ptr<T>() + t.n, m.begin());
+  const T inv1 = T(1) / T(t1), inv2 = T(1) / T(t2);
+  Accum<T> acc_df(npad * d), acc_gw(need_gw ? npad * mm : 0);
+
+  for_pairs(t, 8, [&](int64_t i0, int64_t j0, T* scratch) {
+    T* df = acc_df.mine();
+    T* gw = need_gw ? acc_gw.mine() : nullptr;
+    T *s = scratch, *e1 = s + kTT, *e2 = s + 2 * kTT, *p1 = s + 3 * kTT, *p2 = s + 4 * kTT;
+    T *bd = s + 5 * kTT, *ds = s + 6 * kTT, *tmp = s + 7 * kTT;
+    t.sim(i0, j0, s);
+    std::fill(ds, ds + kTT, T(0));
+    // dir 0: anchors = rows (I), columns J; dir 1: anchors = columns (J), columns I. Both in the
+    // (I, J) layout of s, so ds = dS_IJ + (dS_JI)^T.
+    for (int dir = 0; dir < 2; ++dir) {
+      const bool ra = dir == 0;
+      // loss path: E (gZN_anchor . W2_col) / T, and at T' unless the temperatures coincide
+      for (int pass = 0; pass < (two_t ? 2 : 1); ++pass) {
+        const T* gz = pass == 0 ? gz1 : gz2;
+        const T* gzt = pass == 0 ? gz1t : gz2t;
+        T* e = pass == 0 ? e1 : e2;
+        T* p = pass == 0 ? p1 : p2;
+        exp_tile(t, s, m.data(), i0, j0, ra, pass == 0 ? inv1 : inv2, T(0), e);
+        std::fill(p, p + kTT, T(0));
+        if (ra)
+          gemm_acc<T>(kTile, kTile, mm, gz + i0 * mm, mm, 1, w2t + j0, npad, p, kTile);
+        else
+          gemm_acc<T>(kTile, kTile, mm, w2 + i0 * mm, mm, 1, gzt + j0, npad, p, kTile);
+      }
+      // penalty path: E~ (1 + S/T') / T' (RC_anchor . gACC_band[col])
+      const T* a[3];
+      const T* bt[3];
+      for (int b = 0; b < 3; ++b) {
+        const int64_t bb = nb == 1 ? 0 : b;
+        a[b] = ra ? rc + i0 * g : gacc[bb] + i0 * g;
+        bt[b] = ra ? gacct[bb] + j0 : rct + j0;
+      }
+      band_select(t, i0, j0, ra, nb, a, bt, g, bd, tmp);
+      const T* ee2 = two_t ? e2 : e1;
+      if (two_t) {
+        for (int64_t k = 0; k < kTT; ++k)
+          ds[k] += e1[k] * p1[k] * inv1 + e2[k] * p2[k] * inv2 +
+                   ee2[k] * (T(1) + s[k] * inv2) * inv2 * bd[k];
+      } else {
+        for (int64_t k = 0; k < kTT; ++k)
+          ds[k] += e1[k] * (p1[k] * inv1 + (T(1) + s[k] * inv2) * inv2 * bd[k]);
+      }
+      // weight gradient of the row sums: gw[col] += E[anchor, col] gZN[anchor] (+ ~); on the
+      // diagonal tile dir 0 already covers every (anchor, column) pair
+      if (need_gw && (ra || i0 != j0)) {
+        for (int pass = 0; pass < (two_t ? 2 : 1); ++pass) {
+          const T* gz = pass == 0 ? gz1 : gz2;
+          if (ra)  // columns J receive from anchors I
+            tile_mul(pass == 0 ? e1 : e2, true, gz + i0 * mm, mm, gw + j0 * mm);
+          else     // columns I receive from anchors J
+            tile_mul(pass == 0 ? e1 : e2, false, gz + j0 * mm, mm, gw + i0 * mm);
+        }
+      }
+    }
+    // dF_I += D F_J, dF_J += D^T F_I (once on the diagonal)
+    gemm_acc<T>(kTile, d, kTile, ds, kTile, 1, t.f + j0 * d, d, df + i0 * d, d);
+    if (i0 != j0)
+      gemm_acc<T>(kTile, d, kTile, ds, 1, kTile, t.f + i0 * d, d, df + j0 * d, d);
+  });
+  auto opts = feats.options();
+  at::Tensor df = at::empty({t.n, d}, opts);
+  acc_df.sum_into(df.data_ptr<T>(), t.n * d);
+  at::Tensor gw = need_gw ? at::empty({t.n, mm}, opts) : at::zeros({0}, opts);
+  if (need_gw) acc_gw.sum_into(gw.data_ptr<T>(), t.n * mm);
+  return {df, gw};
+}
+
+// ------------------------------------------------------------------------------------------------
+// entry points
+// ------------------------------------------------------------------------------------------------
+
+void check_cpu(const at::Tensor& feats, const std::vector<at::Tensor>& others) {
   TORCH_CHECK(feats.device().is_cpu(), "fastipirm cpu kernel: tensors must be on the CPU");
   TORCH_CHECK(feats.dim() == 2 && feats.is_contiguous(), "feats must be a contiguous (N, D) tensor");
   TORCH_CHECK(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kDouble,
@@ -340,46 +618,61 @@ void check_inputs(const at::Tensor& feats, const std::vector<at::Tensor>& others
   }
 }
 
-std::vector<at::Tensor> forward_rows(const at::Tensor& feats, const at::Tensor& w2,
-                                     const at::Tensor& kappa, const at::Tensor& gw,
-                                     const at::Tensor& kappag, double t1, double t2,
-                                     int64_t batch) {
-  check_inputs(feats, {w2, kappa, gw, kappag});
-  TORCH_CHECK(feats.size(0) == 2 * batch, "feats must hold 2 * batch rows");
-  return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "forward_rows", [&] {
-    return forward_rows_impl<scalar_t>(feats, w2, kappa, gw, kappag, t1, t2, batch);
+std::vector<at::Tensor> rowstats(const at::Tensor& feats, const at::Tensor& spos,
+                                 const at::Tensor& w2, int64_t batch, double t1, double t2,
+                                 bool two_t) {
+  check_cpu(feats, {spos, w2});
+  TORCH_CHECK(feats.size(0) == 2 * batch && w2.size(0) == feats.size(0) &&
+                  spos.numel() == feats.size(0),
+              "rowstats: feats, spos and w2 must have 2 * batch rows");
+  return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rowstats", [&] {
+    return rowstats_impl<scalar_t>(feats, spos, w2, batch, t1, t2, two_t);
   });
 }
 
-std::vector<at::Tensor> backward_rows(const at::Tensor& feats, const at::Tensor& w2,
-                                      const at::Tensor& kappa, const at::Tensor& gw,
-                                      const at::Tensor& kappag, double t1, double t2,
-                                      int64_t batch, const at::Tensor& d_loss,
-                                      const at::Tensor& normc, const at::Tensor& col_factors,
-                                      const at::Tensor& gamma0, bool soft) {
-  check_inputs(feats, {w2, kappa, gw, kappag, d_loss, normc, col_factors, gamma0});
-  TORCH_CHECK(feats.size(0) == 2 * batch, "feats must hold 2 * batch rows");
-  return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "backward_rows", [&] {
-    return backward_rows_impl<scalar_t>(feats, w2, kappa, gw, kappag, t1, t2, batch, d_loss,
-                                        normc, col_factors, gamma0, soft);
+at::Tensor band(const at::Tensor& feats, const at::Tensor& mrow, const at::Tensor& fac,
+                int64_t nb_out, int64_t batch, double t2, bool trans, int64_t nb) {
+  check_cpu(feats, {mrow, fac});
+  TORCH_CHECK(feats.size(0) == 2 * batch && fac.dim() == 3 && fac.size(1) == feats.size(0),
+              "band: fac must be (bands, 2 * batch, G)");
+  TORCH_CHECK(nb == 1 || nb == 3, "band: nb must be 1 or 3");
+  TORCH_CHECK(trans ? fac.size(0) == 1 : fac.size(0) == nb, "band: fac has the wrong band count");
+  return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "band", [&] {
+    return band_impl<scalar_t>(feats, mrow, fac, trans ? nb_out : 1, batch, t2, trans, nb);
+  });
+}
+
+std::vector<at::Tensor> grad(const at::Tensor& feats, const at::Tensor& mrow,
+                             const at::Tensor& w2, const at::Tensor& gz1, const at::Tensor& gz2,
+                             const at::Tensor& rc, const at::Tensor& gacc, int64_t batch,
+                             double t1, double t2, bool two_t, bool need_gw) {
+  check_cpu(feats, {mrow, w2, gz1, gz2, rc, gacc});
+  TORCH_CHECK(feats.size(0) == 2 * batch && w2.size(0) == feats.size(0) &&
+                  rc.size(0) == feats.size(0) && gacc.dim() == 3,
+              "grad: inputs must have 2 * batch rows");
+  return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "grad", [&] {
+    return grad_impl<scalar_t>(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t,
+                               need_gw);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fastipirm_ext, m) {
-  m.def("forward_rows(Tensor feats, Tensor w2, Tensor kappa, Tensor gw, Tensor kappag, "
-        "float t1, float t2, int batch) -> Tensor[]");
-  m.def("backward_rows(Tensor feats, Tensor w2, Tensor kappa, Tensor gw, Tensor kappag, "
-        "float t1, float t2, int batch, Tensor d_loss, Tensor normc, Tensor col_factors, "
-        "Tensor gamma0, bool soft) -> Tensor[]");
+  m.def("rowstats(Tensor feats, Tensor spos, Tensor w2, int batch, float t1, float t2, "
+        "bool two_t) -> Tensor[]");
+  m.def("band(Tensor feats, Tensor mrow, Tensor fac, int nb_out, int batch, float t2, "
+        "bool trans, int nb) -> Tensor");
+  m.def("grad(Tensor feats, Tensor mrow, Tensor w2, Tensor gz1, Tensor gz2, Tensor rc, "
+        "Tensor gacc, int batch, float t1, float t2, bool two_t, bool need_gw) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastipirm_ext, CPU, m) {
-  m.impl("forward_rows", &forward_rows);
-  m.impl("backward_rows", &backward_rows);
+  m.impl("rowstats", &rowstats);
+  m.impl("band", &band);
+  m.impl("grad", &grad);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastipirm C++ CPU kernel (ops registered as torch.ops.fastipirm_ext.*)";
+  m.doc() = "fastipirm C++ CPU kernels (ops registered as torch.ops.fastipirm_ext.*)";
 }

@@ -37,7 +37,8 @@ are inaccurate. A shift per environment would fix it at M times the exp work; no
 
 All the environment logic (kappa, norms, hard/soft, nonorm, split groups, the rank ``pos``, the
 scatter of the ``(3, N, G)`` band sums to slots, the positive pair, the four penalty variants) is
-O(N M) torch "glue" on the kernel outputs. Backward differentiates that glue with
+O(N M) torch "glue" on the kernel outputs, shared with the C++ and CUDA backends
+(:mod:`fastipirm.ops.fused`, which states each kernel's contract). Backward differentiates that glue with
 ``torch.func.vjp`` (a single backward of O(N M) work, no ``create_graph``, no double backward) to
 get ``gZN, gZN~, gACC, gRC`` and the direct weight gradients, then runs the two backward kernels.
 With ``x = S/T``:
@@ -61,7 +62,7 @@ Entry points: :func:`env_contrastive_loss_triton` (the registered backend) runs 
 ``torch.library`` custom ops ``fastipirm::env_contrastive_triton_{fwd,bwd}``
 (:mod:`fastipirm.ops.custom_ops`; a training step compiles with ``fullgraph=True``);
 :func:`env_contrastive_loss_triton_eager` is the same computation through the
-``torch.autograd.Function`` :class:`EnvContrastiveTriton`.
+``torch.autograd.Function`` :class:`fastipirm.ops.fused.FusedFunction`.
 
 Feature dimension: a row block keeps its ``(BLOCK_M, next_pow2(D))`` features and gradient in
 registers, so ``D`` is limited to :data:`MAX_D` (a clear ``ValueError`` beyond; the projection
@@ -76,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastipirm.ops.torch_backend import _Setup as _TorchSetup
+from fastipirm.ops.fused import FusedKernels, fused_eager, register_fused_backend
 
 from .utils import next_pow2
 
@@ -429,239 +430,48 @@ def _grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw, pr
 
 
 # ----------------------------------------------------------------------------------------------
-# O(N M) glue (differentiable torch; mirrors fastipirm.ops.torch_backend)
+# the kernel set of the shared fused glue (fastipirm/ops/fused.py)
 # ----------------------------------------------------------------------------------------------
 
-class _Setup(_TorchSetup):
-    """The torch backend's weights-derived O(N M) quantities (differentiable w.r.t. ``w`` in soft
-    mode, which the backward's ``torch.func.vjp`` relies on), plus the number of penalty bands."""
+class TritonKernels(FusedKernels):
+    """The Triton kernels behind :mod:`fastipirm.ops.fused` (float32 statistics)."""
 
-    def __init__(self, w: torch.Tensor, soft: bool, nonorm: bool, penalty: str):
-        super().__init__(w, soft, nonorm, penalty)
-        self.scalar = penalty in ("scalar", "scalar_split")
-        self.nbands = self.nbands_of(penalty)
+    name = "triton"
 
-    @staticmethod
-    def nbands_of(penalty: str) -> int:
-        return 1 if penalty in ("scalar", "scalar_split") else 3
+    def check(self, z1: torch.Tensor) -> None:
+        if z1.device.type != "cuda" and not INTERPRETED:
+            raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 with "
+                               f"CPU tensors); got {z1.device.type} tensors")
+        if z1.shape[1] > MAX_D:
+            raise ValueError(f"the triton backend supports feature dimensions up to {MAX_D}; got "
+                             f"D={z1.shape[1]} (use backend='torch')")
 
+    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t):
+        return _rowstats(feats, spos, w2, batch, t1, t2, two_t, _precisions(feats.dtype))
 
-def _z(e_pos, kappa, zn):
-    z = e_pos[:, None] + kappa * zn
-    return z.clamp_min(torch.finfo(z.dtype).tiny)
+    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb):
+        return _band(feats, mrow, fac, nb_out, batch, t2, trans, nb, _precisions(feats.dtype))
 
-
-def _glue_rc(st: _Setup, znt, spos, mrow, t2):
-    """Row coefficients of the penalty's column reductions: ``gw * kappa / Z~`` (N, G)."""
-    zt = _z(torch.exp((spos - mrow) / t2), st.kappa, znt)
-    return st.group_weight * st.rep(st.kappa) / st.rep(zt)
-
-
-def _glue_out(st: _Setup, zn, znt, acc, spos, mrow, t1, t2):
-    """``(loss, penalty)`` from the kernel statistics."""
-    # per anchor: log(Z / e_pos) = log1p(kappa ZN / e_pos), exact where the row has no negative
-    # mass (a one-sample environment) instead of the cancellation log(Z) + shift - x_pos
-    y1 = ((spos - mrow) / t1)[:, None]                                              # <= 0
-    neg_mass = st.kappa * zn
-    per_anchor = torch.where(
-        y1 > -80.0, torch.log1p(neg_mass * torch.exp((-y1).clamp_max(80.0))),
-        torch.log(_z(torch.exp(y1[:, 0]), st.kappa, zn)) - y1)
-    loss = torch.where(st.total > 0, (st.w2 * per_anchor).sum(0) / st.norm.clamp_min(1e-30), 0.0)
-
-    e2pos = torch.exp((spos - mrow) / t2)
-    zt = _z(e2pos, st.kappa, znt)
-    p_pos_m1 = -st.rep(st.kappa * znt) / st.rep(zt)                                 # P_pos - 1
-    g_pos = (st.group_weight * p_pos_m1 * (spos / t2)[:, None]).sum(0)             # (G,)
-    w2g = st.rep(st.w2)
-    if st.scalar:
-        g = (g_pos + (w2g * acc[0]).sum(0))[:, None]
-    else:
-        g = torch.zeros(st.group_weight.shape[1], st.slots, dtype=acc.dtype, device=acc.device)
-        for b, shift in enumerate((1, 0, -1)):
-            idx = (st.group_pos + shift).clamp(0, st.slots - 1)
-            g = g.scatter_add(1, idx.T, (w2g * acc[b]).T)
-        g[:, 0] += g_pos
-    if st.split:
-        pen = (g[:st.m] * g[st.m:]).sum(1)
-    else:
-        pen = (g * g).sum(1)
-    pen = torch.where(st.total > 0, pen, 0.0)
-    return loss, pen
+    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
+        return _grad(feats, mrow, w2.float(), gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
+                     _precisions(feats.dtype))
 
 
-def _device_of(t: torch.Tensor):
-    """Kernels launch on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
-# autograd.Function
-# ----------------------------------------------------------------------------------------------
-
-def triton_forward(feats, w, soft, penalty, nonorm, t1, t2):
-    """Forward of the fused op on ``feats = [z1; z2]`` (N, D) and float32 weights ``w`` (B, M).
-
-    Returns ``(loss, penalty, saved)`` with ``saved = (mrow, zn, znt, acc)``: the O(N M) statistics
-    the backward needs (``znt is zn`` when the two temperatures coincide).
-    """
-    batch = feats.shape[0] // 2
-    two_t = t1 != t2
-    prec = _precisions(feats.dtype)
-    with torch.no_grad(), _device_of(feats):
-        st = _Setup(w, soft, nonorm, penalty)
-        ff = feats.float()
-        spos = (ff * ff.roll(batch, 0)).sum(1)
-        mrow, zn, znt = _rowstats(feats, spos, st.w2.contiguous(), batch, t1, t2, two_t, prec)
-        rc = _glue_rc(st, znt, spos, mrow, t2)
-        acc = _band(feats, mrow, rc.unsqueeze(0).contiguous(), st.nbands, batch, t2,
-                    True, st.nbands, prec)
-        loss, pen = _glue_out(st, zn, znt, acc, spos, mrow, t1, t2)
-    return loss, pen, (mrow, zn, znt, acc)
-
-
-def triton_backward(feats, w, saved, g_loss, g_pen, soft, penalty, nonorm, t1, t2, need_gw):
-    """Gradients ``(d_feats (N, D) in feats' dtype, d_w (B, M) float32 or None)``.
-
-    The O(N M) glue is differentiated with ``torch.func.vjp`` (a single backward, no
-    ``create_graph``; unlike ``torch.autograd.grad`` it also works inside a ``torch.library``
-    custom op) for the gradients of the kernel statistics, then come the row-reduction band kernel
-    and the gradient kernel.
-    """
-    mrow, zn, znt, acc = saved
-    batch = feats.shape[0] // 2
-    two_t = t1 != t2
-    prec = _precisions(feats.dtype)
-    need_gw = bool(soft and need_gw)
-    g_loss = g_loss.float()
-    g_pen = g_pen.float()
-    w_const = w.detach()
-
-    def glue(zn_, znt_, acc_, ff_, w_):
-        st = _Setup(w_ if need_gw else w_const, soft, nonorm, penalty)
-        znt_ = znt_ if two_t else zn_
-        spos = (ff_ * ff_.roll(batch, 0)).sum(1)
-        rc = _glue_rc(st, znt_, spos, mrow, t2)
-        loss, pen = _glue_out(st, zn_, znt_, acc_, spos, mrow, t1, t2)
-        return loss, pen, rc
-
-    with _device_of(feats):
-        primals = (zn.detach(), (znt if two_t else zn).detach(), acc.detach(),
-                   feats.detach().float(), w_const)
-        (_, _, rc), vjp_fn = torch.func.vjp(glue, *primals)
-        g_acc = vjp_fn((g_loss, g_pen, torch.zeros_like(rc)))[2].contiguous()
-        rho = _band(feats, mrow, g_acc, 1, batch, t2, False, _Setup.nbands_of(penalty), prec)[0]
-        g_zn, g_znt, _, g_ff, g_w = vjp_fn((g_loss, g_pen, rho))
-        g_zn = g_zn.contiguous()
-        g_znt = g_znt.contiguous() if two_t else g_zn
-        w2 = torch.cat([w_const, w_const]).float().contiguous()
-        df, gw2 = _grad(feats, mrow, w2, g_zn, g_znt, rc.detach().contiguous(), g_acc, batch,
-                        t1, t2, two_t, need_gw, prec)
-    d_feats = (df + g_ff).to(feats.dtype)
-    d_w = g_w + gw2[:batch] + gw2[batch:] if need_gw else None
-    return d_feats, d_w
-
-
-class EnvContrastiveTriton(torch.autograd.Function):
-    """``(feats (N, D), w (B, M) float32) -> (loss (M,), penalty (M,))``, float32 (eager path).
-
-    Forward: row-stats kernel, glue, band (column-reduction) kernel, glue. Backward: recompute the
-    O(N M) glue under autograd, band (row-reduction) kernel, gradient kernel. No double backward.
-    """
-
-    @staticmethod
-    def forward(ctx, feats, w, soft, penalty, nonorm, t1, t2):
-        loss, pen, saved = triton_forward(feats, w, soft, penalty, nonorm, t1, t2)
-        ctx.save_for_backward(feats, w, *saved)
-        ctx.cfg = (soft, penalty, nonorm, t1, t2)
-        return loss, pen
-
-    @staticmethod
-    def backward(ctx, g_loss, g_pen):
-        feats, w, *saved = ctx.saved_tensors
-        soft, penalty, nonorm, t1, t2 = ctx.cfg
-        d_feats, d_w = triton_backward(feats, w, saved, g_loss, g_pen, soft, penalty, nonorm,
-                                       t1, t2, ctx.needs_input_grad[1])
-        return d_feats, None if d_w is None else d_w.to(w.dtype), None, None, None, None, None
-
-
-def _check_supported(z1: torch.Tensor) -> None:
-    if z1.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 with CPU "
-                           f"tensors); got {z1.device.type} tensors")
-    if z1.shape[1] > MAX_D:
-        raise ValueError(f"the triton backend supports feature dimensions up to {MAX_D}; got "
-                         f"D={z1.shape[1]} (use backend='torch')")
-
-
-def _feats(z1, z2):
-    feats = torch.cat([z1, z2])
-    if feats.dtype == torch.float64:
-        feats = feats.float()
-    return feats.contiguous()
+TRITON_KERNELS = TritonKernels()
+_op_backend = register_fused_backend(TRITON_KERNELS)
 
 
 def env_contrastive_loss_triton_eager(z1: torch.Tensor, z2: torch.Tensor,
                                       env_weights: torch.Tensor, *, temperature: float,
                                       irm_temperature: float, soft: bool, penalty: str = "slot",
                                       nonorm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused op through :class:`EnvContrastiveTriton` (plain eager autograd).
+    """The fused op through :class:`fastipirm.ops.fused.FusedFunction` (plain eager autograd).
 
     Same kernels and numbers as :func:`env_contrastive_loss_triton`, without the custom-op
     dispatch (for eager use and for tests that watch every tensor the implementation allocates).
     """
-    _check_supported(z1)
-    w = env_weights.float()
-    if not soft:
-        w = w.detach()
-    loss, pen = EnvContrastiveTriton.apply(_feats(z1, z2), w, bool(soft), penalty, bool(nonorm),
-                                           float(temperature), float(irm_temperature))
-    if z1.dtype == torch.float64:
-        loss, pen = loss.double(), pen.double()
-    return loss, pen
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library custom ops (fastipirm.ops.custom_ops): the backend entry point, compile-friendly
-# ----------------------------------------------------------------------------------------------
-
-def _op_forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
-    _check_supported(z1)
-    loss, pen, (mrow, zn, znt, acc) = triton_forward(
-        _feats(z1, z2), w.float(), soft, penalty, nonorm, temperature, irm_temperature)
-    if znt is zn:  # outputs of a custom op may not alias each other
-        znt = zn.clone()
-    if z1.dtype == torch.float64:
-        loss, pen = loss.double(), pen.double()
-    return loss, pen, [mrow, zn, znt, acc]
-
-
-def _op_backward(z1, z2, w, saved, d_loss, d_pen, soft, nonorm, penalty, temperature,
-                 irm_temperature):
-    mrow, zn, znt, acc = saved
-    if temperature == irm_temperature:
-        znt = zn
-    d_feats, d_w = triton_backward(_feats(z1, z2), w.float(), (mrow, zn, znt, acc), d_loss,
-                                   d_pen, soft, penalty, nonorm, temperature, irm_temperature,
-                                   need_gw=soft)
-    b = z1.shape[0]
-    return (d_feats[:b].to(z1.dtype), d_feats[b:].to(z2.dtype),
-            None if d_w is None else d_w.to(w.dtype))
-
-
-def _op_fake_saved(z1, z2, w, soft, nonorm, penalty):
-    n, m = 2 * z1.shape[0], w.shape[1]
-    groups = 2 * m if penalty in ("split", "scalar_split") else m
-    f32 = dict(dtype=torch.float32)
-    return [z1.new_empty(n, **f32), z1.new_empty(n, m, **f32), z1.new_empty(n, m, **f32),
-            z1.new_empty(_Setup.nbands_of(penalty), n, groups, **f32)]
-
-
-def _register():
-    from fastipirm.ops.custom_ops import register_env_contrastive_op
-    return register_env_contrastive_op("triton", _op_forward, _op_backward, _op_fake_saved)
-
-
-_op_backend = _register()
+    return fused_eager(TRITON_KERNELS, z1, z2, env_weights, temperature=temperature,
+                       irm_temperature=irm_temperature, soft=soft, penalty=penalty, nonorm=nonorm)
 
 
 def env_contrastive_loss_triton(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
@@ -676,6 +486,6 @@ def env_contrastive_loss_triton(z1: torch.Tensor, z2: torch.Tensor, env_weights:
     inputs; float64 inputs are computed in float32 and returned (with their gradients) as float64.
     Gradients for z1, z2 and, in soft mode, env_weights.
     """
-    _check_supported(z1)
+    TRITON_KERNELS.check(z1)
     return _op_backend(z1, z2, env_weights, temperature=temperature,
                        irm_temperature=irm_temperature, soft=soft, penalty=penalty, nonorm=nonorm)

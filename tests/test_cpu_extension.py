@@ -83,8 +83,29 @@ def test_opcheck_and_fullgraph_compile():
 
 
 @needs_ext
-def test_rejects_non_cpu_kernel_input():
+def test_kernels_reject_bad_input():
+    ext = torch.ops.fastipirm_ext
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.fastipirm_ext.forward_rows(torch.randn(4, 3).t(), torch.ones(3, 1),
-                                             torch.ones(3, 1), torch.ones(3, 1), torch.ones(3, 1),
-                                             0.5, 0.5, 2)
+        ext.rowstats(torch.randn(4, 3).t(), torch.ones(3), torch.ones(3, 1), 2, 0.5, 0.5, False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ext.rowstats(torch.randn(4, 3).half(), torch.ones(4).half(), torch.ones(4, 1).half(), 2,
+                     0.5, 0.5, False)
+    with pytest.raises(RuntimeError, match="2 \\* batch"):
+        ext.rowstats(torch.randn(4, 3), torch.ones(4), torch.ones(4, 1), 3, 0.5, 0.5, False)
+
+
+@needs_ext
+def test_long_vector_at_low_temperature():
+    """One feature 30x longer than the rest at T = 0.05: logits span thousands of temperatures;
+    the online row max keeps every row's sums in range (a shift from a norm bound would
+    underflow them all), so the result matches the float64 torch backend."""
+    z1 = torch.randn(40, 16)
+    z2 = z1 + 0.1 * torch.randn(40, 16)
+    z1[0] *= 30.0                      # one long vector: every other row's bound is loose
+    w = torch.rand(40, 3)
+    kw = dict(temperature=0.05, irm_temperature=0.05, soft=True)
+    loss, pen = env_contrastive_loss(z1, z2, w, backend="cpu", **kw)
+    ref_loss, ref_pen = env_contrastive_loss(z1.double(), z2.double(), w.double(),
+                                             backend="torch", **kw)
+    assert relative_error(loss.double(), ref_loss, 1e-3) < 1e-4
+    assert relative_error(pen.double(), ref_pen, 1e-3) < 1e-4

@@ -1,11 +1,11 @@
 """Backend ``"cpu"``: the C++ CPU kernel of ``csrc/env_contrastive_cpu.cpp``.
 
-The kernel streams the ``N x N`` similarity in row tiles (OpenMP, vectorised inner loops,
-deterministic per-thread reductions) and implements the streamed part of the forward and of the
-closed-form backward; the ``O(N M)`` prologue and epilogue are the torch backend's
-(:func:`fastipirm.ops.torch_backend._forward` / ``_backward`` with ``rows=`` these functions), so
-both backends share one statement of the mathematics. Registered as ``torch.library`` custom ops
-(:mod:`fastipirm.ops.custom_ops`), so a training step with it compiles.
+The three kernels of :mod:`fastipirm.ops.fused` (row statistics, band reductions, gradients) in
+C++: symmetric tile pairs (each similarity tile serves both of its anchor sets), register-blocked
+GEMM micro-kernels, a vectorised exponential, OpenMP over tile pairs with deterministic
+per-thread reductions. The O(N M) glue is the shared torch code of :mod:`fastipirm.ops.fused`, as
+for the Triton and CUDA backends. Registered as ``torch.library`` custom ops, so a training step
+with it compiles.
 
 The extension is built by ``setup.py`` (``pip install --no-build-isolation -e .``) as
 ``fastipirm._C``; when it is missing, :func:`load_extension` says so and
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .custom_ops import register_env_contrastive_op
-from .torch_backend import _backward, _forward, _SHIFTS
+from .fused import FusedKernels, register_fused_backend
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ["env_contrastive_cpu.cpp"]
@@ -46,7 +45,7 @@ def _jit_build():
 
 def load_extension():
     """Import the compiled extension (registers ``torch.ops.fastipirm_ext``); raise with the fix."""
-    if hasattr(torch.ops, "fastipirm_ext") and hasattr(torch.ops.fastipirm_ext, "forward_rows"):
+    if hasattr(torch.ops, "fastipirm_ext") and hasattr(torch.ops.fastipirm_ext, "rowstats"):
         return torch.ops.fastipirm_ext
     try:
         from .. import _C  # noqa: F401  (built by setup.py)
@@ -61,50 +60,39 @@ def load_extension():
     return torch.ops.fastipirm_ext
 
 
-def forward_rows_cpu(feats, s, temperature, irm_temperature):
-    loss_sum, g_pos, col_sums = torch.ops.fastipirm_ext.forward_rows(
-        feats.contiguous(), s.w2.contiguous(), s.kappa.contiguous(), s.group_weight.contiguous(),
-        s.kappag.contiguous(), temperature, irm_temperature, s.batch)
-    return loss_sum, g_pos, list(col_sums.unbind(0))
+class CpuKernels(FusedKernels):
+    """The C++ kernels behind :mod:`fastipirm.ops.fused`: float32 statistics, float64 for float64
+    inputs (so the float64 reference sweep holds to ~1e-12)."""
 
+    name = "cpu"
 
-def backward_rows_cpu(feats, s, temperature, irm_temperature, d_loss, normc, col_factors, gamma0):
-    d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum = torch.ops.fastipirm_ext.backward_rows(
-        feats.contiguous(), s.w2.contiguous(), s.kappa.contiguous(), s.group_weight.contiguous(),
-        s.kappag.contiguous(), temperature, irm_temperature, s.batch,
-        d_loss.to(feats.dtype).contiguous(), normc.contiguous(),
-        torch.stack(col_factors).contiguous(), gamma0.contiguous(), s.soft)
-    return d_feats, d_w2, d_kappa, d_gw, list(col_sums.unbind(0)), loss_sum
+    def check(self, z1: torch.Tensor) -> None:
+        if z1.device.type != "cpu":
+            raise ValueError(f"the cpu backend needs CPU tensors; got {z1.device.type} tensors")
 
+    def stat_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
 
-def _dtype(z):
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
+    def feats(self, z1, z2):
+        return torch.cat([z1, z2]).to(self.stat_dtype(z1.dtype)).contiguous()
 
+    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t):
+        mrow, zn, znt = torch.ops.fastipirm_ext.rowstats(feats, spos.contiguous(), w2, batch,
+                                                          t1, t2, two_t)
+        return mrow, zn, znt
 
-def _fwd(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
-    dt = _dtype(z1)
-    loss, pen, g = _forward(z1.to(dt), z2.to(dt), w.to(dt), soft, nonorm, penalty, temperature,
-                            irm_temperature, rows=forward_rows_cpu)
-    return loss, pen, [g]
+    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb):
+        return torch.ops.fastipirm_ext.band(feats, mrow, fac.contiguous(), nb_out, batch, t2,
+                                            trans, nb)
 
-
-def _bwd(z1, z2, w, saved, d_loss, d_pen, soft, nonorm, penalty, temperature, irm_temperature):
-    dt = _dtype(z1)
-    d_z1, d_z2, d_w = _backward(z1.to(dt), z2.to(dt), w.to(dt), saved[0], d_loss.to(dt),
-                                d_pen.to(dt), soft, nonorm, penalty, temperature, irm_temperature,
-                                rows=backward_rows_cpu)
-    return d_z1.to(z1.dtype), d_z2.to(z2.dtype), None if d_w is None else d_w.to(w.dtype)
-
-
-def _fake_saved(z1, z2, w, soft, nonorm, penalty):
-    m = w.shape[1]
-    groups = 2 * m if penalty in ("split", "scalar_split") else m
-    slots = 1 if penalty in ("scalar", "scalar_split") else 2 * z1.shape[0]
-    return [z1.new_empty(groups, slots, dtype=_dtype(z1))]
+    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
+        df, gw = torch.ops.fastipirm_ext.grad(
+            feats, mrow, w2.to(feats.dtype).contiguous(), gz1.contiguous(), gz2.contiguous(),
+            rc.contiguous(), gacc.contiguous(), batch, t1, t2, two_t, need_gw)
+        return df, (gw if need_gw else None)
 
 
 def load_cpu_backend():
     """The backend function (loads the extension first; raises ImportError when it cannot)."""
     load_extension()
-    assert len(_SHIFTS) == 3
-    return register_env_contrastive_op("cpu", _fwd, _bwd, _fake_saved)
+    return register_fused_backend(CpuKernels())
