@@ -1,7 +1,13 @@
-"""Shared pieces of the benchmarks: the environment record and where results are written.
+"""Shared pieces of the benchmarks: timing, the environment record and where results are written.
 
 Every benchmark writes one JSON record to ``bench/results/`` holding what it measured and where:
 date (UTC), exact command, host (CPU, GPU name, driver), library versions and git commit.
+
+Every benchmark module ``bench.<name>`` has the same interface: ``add_arguments(ap)``,
+``run(args) -> record`` (a dict with at least ``benchmark`` and ``rows``; not saved),
+``format_table(record) -> str`` and ``main(argv=None) -> record`` (see :func:`module_main`).
+A module may also define ``figures(record) -> {key: {"value": float, "higher_is_better": bool}}``,
+the numbers of its record that ``bench.baselines`` compares between runs.
 """
 from __future__ import annotations
 
@@ -27,13 +33,34 @@ def git_commit() -> str:
         return "unknown"
 
 
+def command() -> str:
+    """The command line of this process, quoted for a shell; ``python -m <module>`` for modules
+    of the repository and ``fastipirm`` for the console script."""
+    import shlex
+
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rel = argv0.resolve().relative_to(root)
+    except (ValueError, OSError):
+        rel = None
+    if rel is not None and rel.suffix == ".py":
+        parts = list(rel.with_suffix("").parts)
+        head = ["python", "-m", ".".join(parts[:-1] if parts[-1] == "__main__" else parts)]
+    elif argv0.name == "fastipirm":
+        head = ["fastipirm"]
+    else:
+        head = [os.path.basename(sys.executable), str(argv0)]
+    return shlex.join(head + sys.argv[1:])
+
+
 def environment() -> dict:
     """Host, accelerator and versions of everything that affects a measurement."""
     import torch
 
     env = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": command(),
         "host": {"machine": platform.machine(), "processor": platform.processor() or "unknown",
                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
@@ -59,12 +86,98 @@ def environment() -> dict:
     return env
 
 
-def save_record(name: str, record: dict) -> Path:
-    """Write ``record`` (with the environment added) to ``bench/results/<name>_<where>_<stamp>.json``."""
-    record = {**environment(), **record}
-    where = record.get("gpu", {}).get("name", "cpu").replace(" ", "-")
+def slug(text: str) -> str:
+    """Lower-case file-name form of ``text``: runs of other characters become one ``-``."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    return "-".join(part for part in out.split("-") if part) or "unknown"
+
+
+def record_path(name: str, directory: Path | str | None = None) -> Path:
+    """Where :func:`save_record` writes now: ``<directory>/<name>_<where>_<stamp>.json``.
+
+    ``where`` is the GPU name (spaces as ``-``) or ``cpu``; ``directory`` defaults to
+    ``bench/results/``.
+    """
+    import torch
+
+    where = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}_{where}_{stamp}.json"
+    return Path(directory if directory is not None else RESULTS) / f"{name}_{where}_{stamp}.json"
+
+
+def save_record(name: str, record: dict, directory: Path | str | None = None) -> Path:
+    """Write ``record`` (with the environment added) to :func:`record_path` and return the path."""
+    record = {**environment(), **record}
+    path = record_path(name, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     return path
+
+
+def add_save_arguments(ap) -> None:
+    """The option every benchmark's ``main`` has besides the module's own: ``--no-save``."""
+    ap.add_argument("--no-save", action="store_true", help="print the table, write no JSON")
+
+
+def module_main(name: str, module, argv=None) -> dict:
+    """A benchmark module's ``main``: parse, run, print the table, save unless ``--no-save``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m {getattr(module.__spec__, 'name', name)}",
+                                 description=(module.__doc__ or name).strip().splitlines()[0],
+                                 conflict_handler="resolve")
+    module.add_arguments(ap)
+    add_save_arguments(ap)
+    args = ap.parse_args(argv)
+    record = module.run(args)
+    print(module.format_table(record))
+    if not args.no_save:
+        print(f"wrote {save_record(name, record)}")
+    return record
+
+
+def measure(step, *, device: str = "cpu", warmup: int = 2, repeats: int = 10,
+            max_seconds: float | None = None) -> dict:
+    """Time ``step(i)`` (one iteration; ``i`` rotates the caller's input sets) after warm-up.
+
+    CUDA: CUDA events around each call and the peak memory allocated above what was allocated
+    before the first timed call; CPU: ``time.perf_counter`` and no memory figure. Stops early
+    (after at least 3 timed calls) once ``max_seconds`` have passed. Returns milliseconds:
+    ``median_ms, min_ms, p20_ms, p80_ms, mean_ms, repeats`` and ``peak_mib`` (None on the CPU).
+    """
+    import statistics
+    import time
+
+    import torch
+
+    cuda = device.startswith("cuda")
+    for i in range(warmup):
+        step(i)
+    times = []
+    peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    for i in range(repeats):
+        if max_seconds is not None and len(times) >= 3 and \
+                time.perf_counter() - started > max_seconds:
+            break
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(warmup + i)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "p20_ms": q[0],
+            "p80_ms": q[3], "mean_ms": statistics.fmean(times), "repeats": len(times),
+            "peak_mib": peak}

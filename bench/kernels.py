@@ -1,242 +1,321 @@
 """Kernel microbenchmark of env_contrastive_loss: forward + backward of every implementation.
 
     python -m bench.kernels          # GPU: 2B in (512, 2048, 8192, 16384), D=128, M in (2, 16)
+    python -m bench.kernels          # CPU: 2B=512, D=128, M=16 (under a minute on 2 cores)
     python -m bench.kernels --small  # CPU: tiny sizes, Triton in its interpreter
+    fastipirm bench kernels [options]
 
 In one process and one run, for hard and soft mode, times forward + backward (random upstream
-gradient; median over repeats after warm-up; CUDA events on a GPU, perf_counter on the CPU;
-input sets rotated between repeats) and the peak memory above the inputs of:
+gradients, three input sets rotated between calls, warm-up excluded; ``bench.harness.measure``:
+CUDA events on a GPU, ``perf_counter`` on the CPU) of:
 
 * ``reference``: the literal official-style eager path (loop over environments, boolean
   selection, double backward; :func:`fastipirm.ops.env_contrastive_loss_reference`);
 * ``torch.compile``: ``torch.compile`` of the ``"torch"`` backend;
-* ``torch``: the vectorised ``"torch"`` backend, eager;
-* ``triton``: the fused Triton kernels (``kernels/env_contrastive.py``).
+* every backend of :func:`fastipirm.ops.available_backends` for the device (``torch``, ``cpu``,
+  ``triton``, ``cuda``, ...), called through :func:`fastipirm.ops.env_contrastive_loss` with
+  ``check_values=False``. On the CPU, ``triton`` runs only with ``--small`` (its interpreter).
 
-Reports achieved TFLOP/s against the nominal matmul work of the op, 3 x 2 (2B)^2 D (similarity
-forward and its two backward GEMMs), prints a table and writes JSON (device name, versions, date,
-command) to ``bench/results/``. Under the interpreter (``--small``) the times are NOT GPU figures:
-the file name says ``cpu-interpreter``. Peak memory is only measured on CUDA.
+Reports the median and p20/p80 in ms, TFLOP/s against the nominal matmul work 3 x 2 (2B)^2 D
+(similarity forward and its two backward GEMMs), the peak memory above the inputs (CUDA only),
+the speed-up over ``reference``, ``torch`` and ``torch.compile``, and the peak memory as a
+fraction of theirs. Under the interpreter the Triton times measure NumPy, not the kernels.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import sys
-import time
-from datetime import datetime, timezone
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-IMPLS = ("reference", "torch.compile", "torch", "triton")
+NAME = "kernels"
+SPECIAL = ("reference", "torch.compile")     # implementations that are not backends
+GPU_SIZES, CPU_SIZES, SMALL_SIZES = (512, 2048, 8192, 16384), (512,), (16, 64)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the kernel benchmark."""
     ap.add_argument("--small", action="store_true",
-                    help="tiny sizes for a CPU run (Triton in the interpreter)")
-    ap.add_argument("--n", type=int, nargs="+", help="values of 2B (default per mode)")
-    ap.add_argument("--dim", type=int, default=None)
-    ap.add_argument("--envs", type=int, nargs="+", default=None)
+                    help="tiny sizes on the CPU, Triton in its interpreter (sets "
+                         "TRITON_INTERPRET=1 when fastipirm.ops is not imported yet)")
+    ap.add_argument("--device", default=None,
+                    help="cpu | cuda | cuda:N (default: cuda when available, cpu with --small)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--n", type=int, nargs="+",
+                      help="values of 2B (default: 512 2048 8192 16384 on a GPU, 512 on the CPU, "
+                           "16 64 with --small)")
+    size.add_argument("--batch", type=int, nargs="+", help="values of B instead of 2B")
+    ap.add_argument("--dim", type=int, default=None, help="D (default 128, 32 with --small)")
+    ap.add_argument("--envs", type=int, nargs="+", default=None,
+                    help="values of M (default: 2 16 on a GPU and with --small, 16 on the CPU)")
     ap.add_argument("--mode", choices=("hard", "soft"), nargs="+", default=["hard", "soft"])
-    ap.add_argument("--impl", choices=IMPLS, nargs="+", default=list(IMPLS))
-    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+    ap.add_argument("--impl", nargs="+", default=None,
+                    help="implementations: reference, torch.compile and backend names (default: "
+                         "reference, torch.compile and every available backend)")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="input dtype (default bf16 on a GPU, fp32 on the CPU)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed calls per row (default 20 on a GPU, 7 on the CPU, 3 with --small)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls first (default 3 on a GPU, 1 on the CPU)")
     ap.add_argument("--max-reference-n", type=int, default=16384,
                     help="skip the literal reference above this 2B")
     ap.add_argument("--max-seconds", type=float, default=20.0,
-                    help="per row: stop repeating (after 3 timed runs) once this much time passed")
-    ap.add_argument("--out", type=str, default=None, help="JSON path (default: bench/results/)")
-    ap.add_argument("--no-save", action="store_true")
-    return ap.parse_args(argv)
+                    help="per row: stop repeating (after 3 timed calls) once this much time passed")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def main(argv=None):
-    args = _parse(argv)
+def _resolve(args) -> dict:
+    """Sizes, device, dtype and counts from ``args`` and the machine; ValueError on bad input."""
     import torch
-    cuda = torch.cuda.is_available() and not args.small
-    if not cuda:
-        # must precede the first import of the kernels (Triton decides at decoration time)
-        os.environ["TRITON_INTERPRET"] = "1"
-    import torch.nn.functional as F
 
-    from fastipirm.ops import env_contrastive_loss_reference
+    if args.small and args.device not in (None, "cpu"):
+        raise ValueError(f"--small runs on the CPU (Triton in its interpreter); got --device "
+                         f"{args.device}")
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    cuda = device.startswith("cuda")
+    if args.batch:
+        sizes = [2 * b for b in args.batch]
+    else:
+        sizes = args.n or list(SMALL_SIZES if args.small else GPU_SIZES if cuda else CPU_SIZES)
+    envs = args.envs or ([16] if not cuda and not args.small else [2, 16])
+    dim = args.dim or (32 if args.small else 128)
+    for label, values in (("2B", sizes), ("M", envs), ("D", [dim])):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise ValueError(f"{label} must be positive, got {bad}")
+    odd = [n for n in sizes if n % 2]
+    if odd:
+        raise ValueError(f"2B must be even (two views of B samples), got {odd}")
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    repeats = args.repeats or (20 if cuda else 3 if args.small else 7)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    return {"device": device, "cuda": cuda, "sizes": sizes, "envs": envs, "dim": dim,
+            "dtype": dtype, "repeats": repeats, "warmup": warmup}
+
+
+def _implementations(args, device: str) -> tuple[dict, dict]:
+    """``({name: fn}, {name: reason it is absent})`` with ``fn(z1, z2, w, soft=...)``."""
+    import torch
+
+    from fastipirm.ops import (available_backends, env_contrastive_loss,
+                               env_contrastive_loss_reference)
+    from fastipirm.ops.backends import BACKENDS
     from fastipirm.ops.torch_backend import env_contrastive_loss_torch
 
-    device = "cuda" if cuda else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if cuda else "fp32")]
-    if not cuda and dtype == torch.bfloat16:
-        raise SystemExit("bf16 is not supported by the Triton interpreter: use --dtype fp32/fp16")
-    sizes = args.n or ([16, 64] if args.small or not cuda else [512, 2048, 8192, 16384])
-    dim = args.dim or (32 if args.small or not cuda else 128)
-    envs = args.envs or [2, 16]
-    repeats = args.repeats or (3 if not cuda else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if not cuda else 3)
     kw = dict(temperature=0.5, irm_temperature=0.5, penalty="slot")
+    dev_type = device.split(":")[0]
+    available = available_backends(dev_type)
+    if dev_type == "cpu" and not args.small:
+        available = [b for b in available if b != "triton"]   # the interpreter: --small only
+    wanted = args.impl or list(SPECIAL) + available
+    if args.small and not args.impl and "triton" not in available:
+        wanted.append("triton")                            # a row that says why it is missing
+    known = list(SPECIAL) + list(BACKENDS)
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {unknown}; known: {known}")
+    impls, absent = {}, {}
+    for name in wanted:
+        if name == "reference":
+            impls[name] = lambda z1, z2, w, soft: env_contrastive_loss_reference(
+                z1, z2, w, soft=soft, **kw)
+        elif name == "torch.compile":
+            import torch._dynamo
+            for knob in ("recompile_limit", "cache_size_limit"):  # one graph per shape and mode
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, 256)
+            compiled = torch.compile(env_contrastive_loss_torch, dynamic=False)
+            impls[name] = lambda z1, z2, w, soft, f=compiled: f(z1, z2, w, soft=soft, **kw)
+        elif name in available:
+            impls[name] = lambda z1, z2, w, soft, b=name: env_contrastive_loss(
+                z1, z2, w, soft=soft, backend=b, check_values=False, **kw)
+        elif dev_type == "cpu" and name == "triton":
+            absent[name] = ("on the CPU only in the Triton interpreter: --small, in a process "
+                            "where TRITON_INTERPRET=1 was set before fastipirm was imported")
+        else:
+            b = BACKENDS[name]
+            absent[name] = (f"does not run on {dev_type}" if dev_type not in b.devices
+                            else f"unavailable: {b.error}")
+    return impls, absent
 
-    impls = {}
-    if "reference" in args.impl:
-        impls["reference"] = env_contrastive_loss_reference
-    if "torch.compile" in args.impl:
-        import torch._dynamo
-        for knob in ("recompile_limit", "cache_size_limit"):  # one graph per shape and mode
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, 256)
-        impls["torch.compile"] = torch.compile(env_contrastive_loss_torch, dynamic=False)
-    if "torch" in args.impl:
-        impls["torch"] = env_contrastive_loss_torch
-    if "triton" in args.impl:
-        try:
-            from kernels.env_contrastive import env_contrastive_loss_triton
-            impls["triton"] = env_contrastive_loss_triton
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            print(f"triton unavailable: {type(exc).__name__}: {exc}")
 
-    def make_sets(n, m, soft, count=3):
-        b = n // 2
-        sets = []
-        for _ in range(count):
-            z1 = F.normalize(torch.randn(b, dim, device=device), dim=1).to(dtype)
-            z2 = F.normalize(torch.randn(b, dim, device=device), dim=1).to(dtype)
-            w = (torch.rand(b, m, device=device) if soft
-                 else (torch.rand(b, m, device=device) < 0.5).float())
-            sets.append((z1, z2, w, torch.randn(m, device=device), torch.randn(m, device=device)))
-        return sets
+def _input_sets(n: int, m: int, dim: int, soft: bool, dtype, device: str, count: int = 3):
+    """``count`` sets of leaf inputs ``(z1, z2, w)`` and random upstream gradients."""
+    import torch
+    import torch.nn.functional as F
 
-    def step(fn, s, soft):
-        z1, z2, w, ul, up = s
-        z1 = z1.detach().clone().requires_grad_()
-        z2 = z2.detach().clone().requires_grad_()
-        w = w.detach().clone().requires_grad_(soft)
-        return z1, z2, w, ul, up
+    b = n // 2
+    sets = []
+    for _ in range(count):
+        z1 = F.normalize(torch.randn(b, dim, device=device), dim=1).to(dtype).requires_grad_()
+        z2 = F.normalize(torch.randn(b, dim, device=device), dim=1).to(dtype).requires_grad_()
+        w = (torch.rand(b, m, device=device) if soft
+             else (torch.rand(b, m, device=device) < 0.5).float()).requires_grad_(soft)
+        sets.append((z1, z2, w, torch.randn(m, device=device), torch.randn(m, device=device)))
+    return sets
 
-    def time_one(fn, sets, soft):
-        times = []
-        t_start = time.perf_counter()
-        for i in range(warmup + repeats):
-            if len(times) >= 3 and time.perf_counter() - t_start > args.max_seconds:
-                break  # slow implementation (the literal reference at large 2B): fewer repeats
-            z1, z2, w, ul, up = step(fn, sets[i % len(sets)], soft)
-            if cuda:
-                torch.cuda.synchronize()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-            else:
-                t0 = time.perf_counter()
-            loss, pen = fn(z1, z2, w, soft=soft, **kw)
-            ((loss * ul.to(loss.dtype)).sum() + (pen * up.to(pen.dtype)).sum()).backward()
-            if cuda:
-                end.record()
-                torch.cuda.synchronize()
-                dt = start.elapsed_time(end)
-            else:
-                dt = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times.append(dt)
-        peak = None
-        if cuda:
-            z1, z2, w, ul, up = step(fn, sets[0], soft)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            loss, pen = fn(z1, z2, w, soft=soft, **kw)
-            ((loss * ul.to(loss.dtype)).sum() + (pen * up.to(pen.dtype)).sum()).backward()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        return statistics.median(times), min(times), peak, len(times)
 
+def _ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time every implementation at every size; return the record (not saved)."""
+    import sys
+
+    import torch
+
+    cfg = _resolve(args)
+    if args.small and "fastipirm.ops" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"   # read when fastipirm.ops and kernels are imported
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dim, dtype = cfg["device"], cfg["dim"], getattr(torch, DTYPES[cfg["dtype"]])
+    if cfg["cuda"] and ":" in device:
+        torch.cuda.set_device(torch.device(device))     # measure() times the current device
+    impls, absent = _implementations(args, device)
     rows = []
-    for n in sizes:
-        for m in envs:
+    for n in cfg["sizes"]:
+        for m in cfg["envs"]:
             for mode in args.mode:
                 soft = mode == "soft"
-                sets = make_sets(n, m, soft)
-                flops = 3 * 2 * n * n * dim
-                for name, fn in impls.items():
+                group = []
+                sets = _input_sets(n, m, dim, soft, dtype, device)
+                for name in list(impls) + list(absent):
                     row = {"n": n, "batch": n // 2, "dim": dim, "envs": m, "mode": mode,
-                           "impl": name, "dtype": str(dtype).replace("torch.", "")}
-                    if name == "reference" and n > args.max_reference_n:
+                           "impl": name, "dtype": cfg["dtype"]}
+                    if name in absent:
+                        row["status"] = absent[name]
+                    elif name == "reference" and n > args.max_reference_n:
                         row["status"] = f"skipped (2B > {args.max_reference_n})"
+                    elif name == "triton" and not cfg["cuda"] and cfg["dtype"] == "bf16":
+                        row["status"] = "skipped (the Triton interpreter has no bf16)"
                     else:
-                        try:
-                            med, best, peak, reps = time_one(fn, sets, soft)
-                            row.update(status="ok", median_ms=med, min_ms=best, peak_mib=peak,
-                                       repeats=reps, tflops=flops / (med * 1e-3) / 1e12)
-                        except Exception as exc:  # noqa: BLE001 - OOM or compile failure
-                            row["status"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                            if cuda:
-                                torch.cuda.empty_cache()
-                    rows.append(row)
-                    print(_fmt(row), flush=True)
-                ok = {r["impl"]: r for r in rows if r["n"] == n and r["envs"] == m
-                      and r["mode"] == mode and r.get("status") == "ok"}
-                if "triton" in ok:
-                    for r in rows[-len(impls):]:
-                        if r.get("status") == "ok":
-                            r["triton_speedup"] = r["median_ms"] / ok["triton"]["median_ms"]
-    dev_name = (torch.cuda.get_device_name() if cuda else
-                f"CPU ({platform.processor() or platform.machine()}), Triton interpreter")
-    print()
-    print(f"env_contrastive_loss fwd+bwd on {dev_name}, D={dim}, dtype={dtype}, "
-          f"median of {repeats} after {warmup} warm-up")
-    print(_header())
-    for r in rows:
-        print(_fmt(r))
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+                        row.update(_time_one(impls[name], sets, soft, cfg, args.max_seconds))
+                        if row["status"] == "ok":
+                            row["tflops"] = 6 * n * n * dim / (row["median_ms"] * 1e-3) / 1e12
+                    group.append(row)
+                _add_ratios(group)
+                rows.extend(group)
+                del sets
     record = {
-        "benchmark": "bench.kernels",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "-m", "bench.kernels"] +
-                            list(argv if argv is not None else sys.argv[1:])),
-        "device": dev_name,
-        "gpu": cuda,
-        "triton_interpreter": not cuda,
-        "note": ("GPU figures" if cuda else
-                 "CPU run with Triton in its interpreter: NOT a GPU figure; the triton times "
-                 "measure the NumPy interpreter, not the kernels"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": triton_version,
-                     "cuda": torch.version.cuda if cuda else None},
+        "benchmark": NAME,
+        "device": torch.cuda.get_device_name(device) if cfg["cuda"] else "cpu",
+        "triton_interpreter": not cfg["cuda"] and "triton" in impls,
+        "dim": dim, "dtype": cfg["dtype"], "repeats": cfg["repeats"], "warmup": cfg["warmup"],
+        "threads": torch.get_num_threads(),
+        "timing": "CUDA events" if cfg["cuda"] else "time.perf_counter",
         "flops_model": "3 * 2 * (2B)^2 * D",
-        "timing": "CUDA events" if cuda else "time.perf_counter",
-        "repeats": repeats, "warmup": warmup,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
         "rows": rows,
     }
-    if not args.no_save:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        tag = "gpu-" + "".join(c if c.isalnum() else "_" for c in dev_name) if cuda \
-            else "cpu-interpreter"
-        path = Path(args.out) if args.out else RESULTS / f"kernels_{tag}_{stamp}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
-        print(f"wrote {path}")
+    if record["triton_interpreter"]:
+        record["note"] = ("CPU run with Triton in its interpreter: the triton times measure the "
+                          "NumPy interpreter, not the kernels")
     return record
 
 
-def _header():
-    return (f"{'2B':>6} {'M':>3} {'mode':<5} {'impl':<14} {'median ms':>10} {'TFLOP/s':>8} "
-            f"{'peak MiB':>9} {'x triton':>8}  status")
+def _time_one(fn, sets, soft: bool, cfg: dict, max_seconds: float) -> dict:
+    import torch
+
+    from .harness import measure
+
+    def step(i):
+        z1, z2, w, up_loss, up_pen = sets[i % len(sets)]
+        z1.grad = z2.grad = w.grad = None
+        loss, pen = fn(z1, z2, w, soft=soft)
+        torch.autograd.backward([loss, pen], [up_loss.to(loss.dtype), up_pen.to(pen.dtype)])
+
+    try:
+        res = measure(step, device=cfg["device"], warmup=cfg["warmup"], repeats=cfg["repeats"],
+                      max_seconds=max_seconds)
+    except Exception as exc:  # noqa: BLE001 - OOM or a compile failure is a row of the table
+        if cfg["cuda"]:
+            torch.cuda.empty_cache()
+        return {"status": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        for z1, z2, w, _, _ in sets:
+            z1.grad = z2.grad = w.grad = None
+    return {"status": "ok", **res}
 
 
-def _fmt(r):
-    if r.get("status") != "ok":
-        return (f"{r['n']:>6} {r['envs']:>3} {r['mode']:<5} {r['impl']:<14} {'-':>10} {'-':>8} "
-                f"{'-':>9} {'-':>8}  {r.get('status')}")
-    peak = f"{r['peak_mib']:.1f}" if r.get("peak_mib") is not None else "n/a"
-    spd = f"{r['triton_speedup']:.2f}" if "triton_speedup" in r else "-"
-    return (f"{r['n']:>6} {r['envs']:>3} {r['mode']:<5} {r['impl']:<14} {r['median_ms']:>10.3f} "
-            f"{r['tflops']:>8.3g} {peak:>9} {spd:>8}  ok")
+def _add_ratios(group: list) -> None:
+    """Speed-ups over and memory fractions of reference, torch and torch.compile, in place."""
+    ok = {r["impl"]: r for r in group if r["status"] == "ok"}
+    for r in ok.values():
+        for base, tag in (("reference", "reference"), ("torch", "torch"),
+                          ("torch.compile", "compile")):
+            if base in ok:
+                r[f"x_{tag}"] = _ratio(ok[base]["median_ms"], r["median_ms"])
+                if tag != "torch":
+                    r[f"memory_over_{tag}"] = _ratio(r.get("peak_mib"), ok[base].get("peak_mib"))
+
+
+FIGURES = {"median_ms": False, "peak_mib": False, "x_reference": True, "x_torch": True,
+           "x_compile": True, "memory_over_reference": False, "memory_over_compile": False}
+
+
+def figure_key(row: dict, metric: str) -> str:
+    """``kernels/<dtype>/D=<D>/2B=<n>/M=<M>/<mode>/<impl>/<metric>``."""
+    return (f"{NAME}/{row['dtype']}/D={row['dim']}/2B={row['n']}/M={row['envs']}/{row['mode']}/"
+            f"{row['impl']}/{metric}")
+
+
+def figures(record: dict) -> dict:
+    """The comparable numbers of a kernels record (see ``bench.baselines``)."""
+    out = {}
+    for row in record["rows"]:
+        if row.get("status") != "ok":
+            continue
+        for metric, higher in FIGURES.items():
+            if row.get(metric) is not None:
+                out[figure_key(row, metric)] = {"value": row[metric], "higher_is_better": higher}
+    return out
+
+
+def _num(value, fmt):
+    return format(value, fmt) if value is not None else "-"
+
+
+def format_table(record: dict) -> str:
+    """The record as a text table."""
+    head = (f"env_contrastive_loss fwd+bwd on {record['device']}, D={record['dim']}, "
+            f"dtype={record['dtype']}, median of up to {record['repeats']} after "
+            f"{record['warmup']} warm-up ({record['timing']}, {record['threads']} CPU threads)")
+    lines = [head]
+    if record.get("note"):
+        lines.append(f"note: {record['note']}")
+    lines.append(f"{'2B':>6} {'M':>3} {'mode':<5} {'impl':<14} {'median ms':>10} {'p20':>9} "
+                 f"{'p80':>9} {'TFLOP/s':>8} {'peak MiB':>9} {'x ref':>7} {'x torch':>7} "
+                 f"{'x compile':>9} {'mem/ref':>8} {'mem/comp':>8}  status")
+    for r in record["rows"]:
+        lead = f"{r['n']:>6} {r['envs']:>3} {r['mode']:<5} {r['impl']:<14}"
+        if r["status"] != "ok":
+            lines.append(f"{lead} {'-':>10} {'-':>9} {'-':>9} {'-':>8} {'-':>9} {'-':>7} {'-':>7} "
+                         f"{'-':>9} {'-':>8} {'-':>8}  {r['status']}")
+            continue
+        lines.append(
+            f"{lead} {r['median_ms']:>10.3f} {r['p20_ms']:>9.3f} {r['p80_ms']:>9.3f} "
+            f"{r['tflops']:>8.3g} {_num(r.get('peak_mib'), '.1f'):>9} "
+            f"{_num(r.get('x_reference'), '.2f'):>7} {_num(r.get('x_torch'), '.2f'):>7} "
+            f"{_num(r.get('x_compile'), '.2f'):>9} "
+            f"{_num(r.get('memory_over_reference'), '.3f'):>8} "
+            f"{_num(r.get('memory_over_compile'), '.3f'):>8}  ok")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """``python -m bench.kernels``: run, print the table, save the record unless ``--no-save``."""
+    import sys
+
+    from .harness import module_main
+    return module_main(NAME, sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m bench.loader [--out-sizes 32 96] [--source-size 96] [--batch 256] [--batches 10]
                            [--arch resnet50] [--device cuda]
+    fastipirm bench loader [options]
 
 In one process and one run, for every output size:
 
@@ -17,12 +18,12 @@ In one process and one run, for every output size:
 
 A sample is one image turned into its two views. The source images are random uint8 arrays of
 ``source-size`` pixels (STL-10 is 96). Prints a table with each pipeline's rate and its ratio to
-the step's consumption, and writes a JSON record to ``bench/results/``.
+the step's consumption, and writes a JSON record to ``bench/results/``. Each rate is the batch
+size over the mean time of one batch (``bench.harness.measure``, one warm-up batch).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -30,31 +31,28 @@ import torch
 from fastipirm.data import ArrayDataset, IndexedLoader, TwoViewAugment
 from fastipirm.data.dali import DaliTwoViewLoader, dali_available
 
-from .harness import save_record
+from .harness import measure
+
+NAME = "loader"
+PIPELINES = ("official", "torch", "dali", "step")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rate(batches, batch_size, warmup, measure, device) -> float:
-    """Samples per second over ``measure`` batches after ``warmup`` batches of an iterator."""
+def _rate(batches, batch_size, warmup, count, device) -> float:
+    """Samples per second of an iterator of batches: the batch size over the mean batch time."""
     it = iter(batches)
-    for _ in range(warmup):
-        next(it)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(measure):
-        next(it)
-    _sync(device)
-    return measure * batch_size / (time.perf_counter() - t0)
+    res = measure(lambda i: next(it), device=str(device), warmup=warmup, repeats=count)
+    return batch_size / (res["mean_ms"] * 1e-3)
 
 
 def official_rate(images, batch, out_size, batches, workers):
     from .official_style import official_loader
     loader = official_loader(images, batch_size=batch, workers=workers, out_size=out_size)
-    return _rate(loader, batch, 1, batches, torch.device("cpu"))
+
+    def gen():
+        while True:                     # epochs after epoch, as the training loop iterates
+            yield from loader
+
+    return _rate(gen(), batch, 1, batches, "cpu")
 
 
 def torch_rate(images, batch, out_size, batches, device):
@@ -116,8 +114,8 @@ def step_rate(arch, width, batch, out_size, batches, device):
     return _rate(gen(), batch, 1, batches, device)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the loader benchmark."""
     ap.add_argument("--out-sizes", type=int, nargs="+", default=[32, 96])
     ap.add_argument("--source-size", type=int, default=96)
     ap.add_argument("--num-images", type=int, default=4096)
@@ -126,11 +124,23 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of 'official'")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--width", type=int, default=64, help="ResNet base width of the step model")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["official", "torch", "dali", "step"])
-    ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    ap.add_argument("--device", default=None,
+                    help="cpu | cuda | cuda:N (default: cuda if available)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=PIPELINES)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every pipeline at every output size; return the record (not saved)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    for label, value in (("--source-size", args.source_size), ("--num-images", args.num_images),
+                         ("--batch", args.batch), ("--batches", args.batches)):
+        if value < 1:
+            raise ValueError(f"{label} must be positive, got {value}")
+    if args.num_images < args.batch:
+        raise ValueError(f"--num-images ({args.num_images}) must be at least --batch "
+                         f"({args.batch}): the loaders drop the last incomplete batch")
     images = np.random.default_rng(0).integers(
         0, 256, (args.num_images, args.source_size, args.source_size, 3), dtype=np.uint8)
     has_dali, dali_detail = dali_available()
@@ -148,17 +158,41 @@ def main(argv=None):
         for name, rate in rates.items():
             rows.append({"out_size": size, "pipeline": name, "samples_per_s": rate,
                          "vs_step": rate / rates["step"] if "step" in rates else None})
-    print(f"two-view samples/s on {device} (source {args.source_size}px, batch {args.batch}, "
-          f"step model {args.arch} width {args.width}); DALI: {dali_detail}")
-    print(f"{'size':>5} {'pipeline':<9} {'samples/s':>11} {'x step':>8}")
-    for r in rows:
+    record = {"benchmark": NAME, "device": str(device), "dali": dali_detail,
+              "args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}
+    return record
+
+
+def figures(record: dict) -> dict:
+    """``loader/<size>px/<pipeline>/samples_per_s`` and ``.../vs_step`` (higher is better)."""
+    out = {}
+    for r in record["rows"]:
+        for metric in ("samples_per_s", "vs_step"):
+            if r.get(metric) is not None and not (metric == "vs_step" and r["pipeline"] == "step"):
+                out[f"{NAME}/{r['out_size']}px/{r['pipeline']}/{metric}"] = {
+                    "value": r[metric], "higher_is_better": True}
+    return out
+
+
+def format_table(record: dict) -> str:
+    """The record as a text table."""
+    a = record["args"]
+    lines = [f"two-view samples/s on {record['device']} (source {a['source_size']}px, batch "
+             f"{a['batch']}, step model {a['arch']} width {a['width']}); DALI: {record['dali']}",
+             f"{'size':>5} {'pipeline':<9} {'samples/s':>11} {'x step':>8}"]
+    for r in record["rows"]:
         ratio = f"{r['vs_step']:.2f}" if r["vs_step"] is not None else "-"
-        print(f"{r['out_size']:>5} {r['pipeline']:<9} {r['samples_per_s']:>11.1f} {ratio:>8}")
-    if not args.no_save:
-        path = save_record("loader", {"benchmark": "bench.loader", "device": str(device),
-                                      "args": vars(args), "rows": rows})
-        print(f"wrote {path}")
-    return rows
+        lines.append(f"{r['out_size']:>5} {r['pipeline']:<9} {r['samples_per_s']:>11.1f} "
+                     f"{ratio:>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """``python -m bench.loader``: run, print the table, save the record unless ``--no-save``."""
+    import sys
+
+    from .harness import module_main
+    return module_main(NAME, sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
