@@ -164,6 +164,15 @@ def test_low_temperature_non_normalised_inputs(case, norms, seed):
     check_fp32(case, seed, norms=norms, min_weight=0.05)
 
 
+@interp
+def test_hard_environment_far_below_the_row_max(seed):
+    """Hard mode, norms up to 3 at T = 0.05: a row outside an environment (weight 0) can have an
+    environment sum near the fp32 floor; the glue's vjp must not turn its 1/Z^2 into inf * 0
+    (logits up to 180: bound 1e-3 as in test_ops)."""
+    check_fp32(Case(23, 16, 3, False, "slot", temperature=0.05, irm_temperature=0.05), seed,
+               norms=(1.0, 3.0), tol=1e-3)
+
+
 FP16 = [Case(37, 128, 16, False, "slot"), Case(37, 128, 16, True, "slot"),
         Case(5, 16, 2, True, "split", temperature=0.2), Case(17, 32, 3, False, "scalar_split"),
         Case(17, 16, 3, True, "scalar", temperature=0.1, irm_temperature=0.3)]
