@@ -54,6 +54,11 @@ def _load_cpu():
     return load_cpu_backend()
 
 
+def _load_cuda():
+    from .cuda_backend import load_cuda_backend
+    return load_cuda_backend()
+
+
 def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -80,12 +85,13 @@ BACKENDS: dict[str, Backend] = {
     # CPU tensors only through the Triton interpreter (tests); never chosen automatically on CPU
     "triton": Backend("triton", ("cuda", "cpu") if _triton_interpret() else ("cuda",),
                       _load_triton),
+    "cuda": Backend("cuda", ("cuda",), _load_cuda),
 }
 
 # Preferred order when the backend is chosen automatically, per device type.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "torch"),
-    "cpu": ("torch", "cpu"),   # the C++ kernel is not faster than torch yet (bench.cpu)
+    "cuda": ("triton", "cuda", "torch"),   # triton vs cuda: the kernel benchmark decides
+    "cpu": ("cpu", "torch"),   # the C++ kernel: ~4x the torch backend (python -m bench.cpu)
 }
 
 _warned: set[str] = set()
