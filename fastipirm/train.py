@@ -9,8 +9,8 @@ the order it runs:
    memory/test splits for evaluation, the batched on-device two-view augmentation;
 3. model (ResNet + projection head), Adam (lr 1e-3, coupled wd 1e-6, no schedule), AMP;
 4. resume from a checkpoint, or the epoch-0 partition on the untrained network;
-5. the epoch loop: minimisation steps over all retained partitions at once (one
-   ``memberships_from_logits`` + one ``minimization_loss``), then every ``maximize_iter`` epochs
+5. the epoch loop: minimisation steps over all retained partitions at once (:class:`TrainStep`:
+   one ``memberships_from_logits`` + one ``minimization_loss``), then every ``maximize_iter`` epochs
    the maximisation step (:mod:`fastipirm.partition`), the kNN monitor, metrics, checkpoint;
 6. the end: plot, optional linear probe, ``summary.json``.
 
@@ -142,6 +142,99 @@ def choose_pipeline(name: str, device: torch.device) -> str:
         return name
     from .data.dali import dali_available
     return "dali" if device.type == "cuda" and dali_available()[0] else "torch"
+
+
+class TrainStep:
+    """One minimisation step of the trainer (spec section 6.2), exactly as :func:`train` runs it.
+
+    ``step(indices, v1, v2, partitions, penalty_weight)``: one forward per view under
+    ``autocast`` (channels_last inputs when asked, ``bn_splits`` BN groups per view, see
+    :func:`grouped_projection`), the batch's hard memberships in every retained partition
+    (``partitions`` (P, N, K) logits; ``None`` for a plain SimCLR step), one
+    :func:`minimization_loss` call over all of them, backward through ``scaler`` (a disabled
+    GradScaler is a no-op) and one optimiser step. Returns ``(loss, parts)``, detached and on
+    the device: nothing is read back to the host.
+
+    ``compile_mode`` (``None``: eager) compiles the forward + objective with
+    ``torch.compile(mode=compile_mode)`` (``"reduce-overhead"`` adds CUDA graphs) and, when no
+    GradScaler is active, the optimiser step with ``torch.compile`` as well. The backward runs
+    the compiled graph's backward (AOTAutograd), so the whole step is compiled code.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 scaler: torch.amp.GradScaler, forward: Optional[Callable] = None,
+                 autocast: Callable = contextlib.nullcontext, channels_last: bool = False,
+                 bn_splits: int = 1, temperature: float, irm_temperature: float,
+                 keep_cont: bool, backend: Optional[str] = None, penalty: str = "slot",
+                 compile_mode: Optional[str] = None):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.forward = model if forward is None else forward
+        self.autocast, self.channels_last, self.bn_splits = autocast, channels_last, bn_splits
+        self.loss_kwargs = dict(temperature=temperature, irm_temperature=irm_temperature,
+                                keep_cont=keep_cont, backend=backend, penalty=penalty,
+                                check_values=False)
+        self.compile_mode = compile_mode
+        self._objective = self.objective
+        self._optimizer_step = None
+        self._cudagraphs = False
+        if compile_mode is not None:
+            from .ops.backends import resolve_backend
+            # load the op's backend now: a lazy load inside the traced code forces a recompile
+            resolve_backend(backend, next(model.parameters()).device)
+            self._objective = torch.compile(self.objective, mode=compile_mode)
+            self._cudagraphs = compile_mode in ("reduce-overhead", "max-autotune")
+            if not scaler.is_enabled():
+                self._optimizer_step = torch.compile(optimizer.step)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def objective(self, indices: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+                  partitions: Optional[torch.Tensor], penalty_weight: float):
+        """Forward of both views and the minimisation loss: ``(loss, parts)`` with a graph."""
+        with self.autocast():                       # one forward per view (official BN)
+            z1 = grouped_projection(self.forward, self.to_input(v1), self.bn_splits, self.model)
+            z2 = grouped_projection(self.forward, self.to_input(v2), self.bn_splits, self.model)
+        memberships = None if partitions is None else memberships_from_logits(partitions, indices)
+        return minimization_loss(z1.float(), z2.float(), memberships,
+                                 penalty_weight=penalty_weight, **self.loss_kwargs)
+
+    def __call__(self, indices: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor,
+                 partitions: Optional[torch.Tensor], penalty_weight: float):
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, parts = self._objective(indices, v1, v2, partitions, penalty_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self._optimizer_step is not None:
+            self._optimizer_step()
+        else:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss = loss.detach()
+        if self._cudagraphs:                        # outputs of a CUDA graph are overwritten
+            loss, parts = loss.clone(), {k: v.clone() for k, v in parts.items()}
+        return loss, parts
+
+
+def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, *,
+                    device, scaler: Optional[torch.amp.GradScaler] = None,
+                    forward: Optional[Callable] = None,
+                    compile_mode: Optional[str] = None) -> TrainStep:
+    """The :class:`TrainStep` of ``cfg`` (AMP, channels_last, BN groups, loss options).
+
+    ``scaler``: the run's GradScaler (a new one, enabled only for fp16 on CUDA, if None).
+    """
+    t = cfg.train
+    device = torch.device(device)
+    if scaler is None:
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.amp == "fp16")
+    return TrainStep(model, optimizer, scaler=scaler, forward=forward,
+                     autocast=autocast_factory(device, t.amp),
+                     channels_last=cfg.model.channels_last, bn_splits=cfg.model.bn_splits,
+                     temperature=t.temperature, irm_temperature=t.irm_temperature,
+                     keep_cont=t.keep_cont, backend=None if t.backend == "auto" else t.backend,
+                     penalty=t.penalty, compile_mode=compile_mode)
 
 
 def run_dir(cfg: Config) -> Path:
@@ -360,9 +453,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     use_scaler = device.type == "cuda" and t.amp == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    def to_input(x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if cfg.model.channels_last else x
+    train_step = make_train_step(model, optimizer, cfg, device=device, scaler=scaler,
+                                 forward=forward)
 
     def maximize(epoch: int, previous_theta: Optional[torch.Tensor]):
         """The maximisation step: features of one view pair per image, then Theta."""
@@ -483,24 +575,12 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         img_per_s = 0.0
         for i, (indices, v1, v2) in enumerate(training_batches(epoch), 1):
             indices = indices.to(device, non_blocking=True)
-            with autocast():                       # one forward per view (official BN)
-                z1 = grouped_projection(forward, to_input(v1), cfg.model.bn_splits, model)
-                z2 = grouped_projection(forward, to_input(v2), cfg.model.bn_splits, model)
-            memberships = None if t.baseline else memberships_from_logits(retained, indices)
-            loss, parts = minimization_loss(
-                z1.float(), z2.float(), memberships, temperature=t.temperature,
-                irm_temperature=t.irm_temperature, penalty_weight=lam, keep_cont=t.keep_cont,
-                backend=None if t.backend == "auto" else t.backend, penalty=t.penalty,
-                check_values=False)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, parts = train_step(indices, v1, v2, None if t.baseline else retained, lam)
             step += 1
-            sums += torch.stack([loss.detach(), parts["loss_global"], parts["loss_env"],
+            sums += torch.stack([loss, parts["loss_global"], parts["loss_env"],
                                  parts["penalty"]]).double()
             if i % cfg.run.log_every == 0 or i == steps_in_epoch:   # the only host syncs
-                cur_loss, cur_pen = torch.stack([loss.detach().float(),
+                cur_loss, cur_pen = torch.stack([loss.float(),
                                                  parts["penalty"].float()]).tolist()
                 if not (math.isfinite(cur_loss) and math.isfinite(cur_pen)):
                     if bar is not None:
