@@ -185,6 +185,7 @@ struct Tiles {
   const T* f;   // (npad, d), zero rows beyond n
   const T* ft;  // (d, npad)
   std::vector<std::pair<int64_t, int64_t>> pairs;
+  std::vector<int64_t> sample;  // a mod B for every row a < npad (no division in the tile loops)
 
   Tiles(const at::Tensor& feats, int64_t batch_) : batch(batch_) {
     n = feats.size(0);
@@ -197,6 +198,8 @@ struct Tiles {
     ft = ft_t.data_ptr<T>();
     for (int64_t i = 0; i < nt; ++i)
       for (int64_t j = i; j < nt; ++j) pairs.emplace_back(i * kTile, j * kTile);
+    sample.resize(npad);
+    for (int64_t a = 0; a < npad; ++a) sample[a] = a % batch;
   }
 
   // s[r * kTile + c] = <F[i0 + r], F[j0 + c]>
@@ -208,7 +211,7 @@ struct Tiles {
   // Band of column `col` for anchor `anchor`: 0 (col < i), 1 (i <= col <= i + B), 2 (above); the
   // columns i and i + B themselves are not negatives, so their band never matters.
   int band(int64_t anchor, int64_t col) const {
-    const int64_t i = anchor % batch;
+    const int64_t i = sample[anchor];
     return col < i ? 0 : (col > i + batch ? 2 : 1);
   }
 
@@ -267,7 +270,7 @@ void exp_tile(const Tiles<T>& t, const T* s, const T* m, int64_t i0, int64_t j0,
       std::fill(xr, xr + kTile, T(0));
       continue;
     }
-    const int64_t i = a % t.batch;
+    const int64_t i = t.sample[a];
     for (int64_t col : {i, i + t.batch})
       if (col >= j0 && col < j0 + kTile) xr[col - j0] = T(0);
     for (int64_t c = std::max<int64_t>(0, t.n - j0); c < kTile; ++c) xr[c] = T(0);
