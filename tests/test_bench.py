@@ -365,3 +365,17 @@ def test_loader_tiny_run():
     assert "official" in loader.format_table(record)
     with pytest.raises(ValueError, match="at least --batch"):
         loader.run(_args(loader, ["--device", "cpu", "--num-images", "8", "--batch", "32"]))
+
+
+def test_cpu_ratio_interleaves_both_backends():
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    cpu_ratio = cli._import_bench("cpu_ratio")
+    rows = cpu_ratio.main(["--batch", "24", "--dim", "8", "--envs", "3", "--rounds", "3",
+                           "--threads", "1", "--no-save"])
+    assert [r["mode"] for r in rows] == ["hard", "soft"]
+    for r in rows:
+        assert len(r["rounds"]) == 3
+        assert all(x["torch"] > 0 and x["cpu"] > 0 for x in r["rounds"])
+        ratios = sorted(x["torch"] / x["cpu"] for x in r["rounds"])
+        assert r["median_round_ratio"] == pytest.approx(ratios[1])
