@@ -181,3 +181,18 @@ def measure(step, *, device: str = "cpu", warmup: int = 2, repeats: int = 10,
     return {"median_ms": statistics.median(times), "min_ms": min(times), "p20_ms": q[0],
             "p80_ms": q[3], "mean_ms": statistics.fmean(times), "repeats": len(times),
             "peak_mib": peak}
+
+
+def device_and_defaults(args, gpu_defaults: dict, cpu_defaults: dict):
+    """``(device, options)``: ``args.device`` (default: cuda when available, else cpu) and, for
+    every key of that device's defaults, ``args.<key>`` where given, else the default."""
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
+    base = gpu_defaults if device.type == "cuda" else cpu_defaults
+    return device, {k: (getattr(args, k) if getattr(args, k, None) is not None else v)
+                    for k, v in base.items()}

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .harness import device_and_defaults
 from .official_step import official_cudnn, official_logits
 
 GPU_DEFAULTS = dict(arch="resnet50", width=64, num_samples=105_000, feature_batch=3096,
@@ -223,14 +224,7 @@ def official_extract(model: torch.nn.Module, images: np.ndarray, *, device, batc
 
 
 def _resolve(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
-    base = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    opts = {k: (getattr(args, k) if getattr(args, k, None) is not None else v)
-            for k, v in base.items()}
+    device, opts = device_and_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     opts.update(device=device, source_size=args.source_size, crop=args.crop, envs=args.envs,
                 stop_rule=args.stop_rule, official_epochs=args.official_epochs,
                 workers=args.workers, amp=args.amp, skip=list(args.skip), seed=args.seed,

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .harness import measure
+from .harness import device_and_defaults, measure
 
 VARIANTS = ("official", "fastipirm", "compiled", "simclr")
 GPU_DEFAULTS = dict(archs=["resnet50", "resnet18"], width=64, batch=256, num_images=8192,
@@ -83,14 +83,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
-    base = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    opts = {k: (getattr(args, k) if getattr(args, k, None) is not None else v)
-            for k, v in base.items()}
+    device, opts = device_and_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     opts.update(device=device, partitions=list(args.partitions), envs=args.envs,
                 crop=args.crop, source_size=args.source_size, workers=args.workers,
                 pipeline=args.pipeline,

@@ -83,12 +83,20 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = VALUE_F
     return (got - want).abs().max().item() / scale
 
 
-def _outputs_and_grads(fn, z1, z2, w, case: Case, up_loss, up_pen):
-    z1 = z1.detach().requires_grad_()
-    z2 = z2.detach().requires_grad_()
-    w = w.detach().requires_grad_(case.soft)
+def op_kwargs(case: Case) -> dict:
+    """The keyword arguments of ``env_contrastive_loss`` for a case."""
+    return dict(temperature=case.temperature, irm_temperature=case.irm_temperature,
+                soft=case.soft, penalty=case.penalty, nonorm=case.nonorm)
+
+
+def outputs_and_grads(fn, z1, z2, w, soft: bool, up_loss, up_pen) -> list:
+    """``[loss, penalty, d z1, d z2 (, d w in soft mode)]`` of ``fn(z1, z2, w)`` for the upstream
+    gradients ``(up_loss, up_pen)``, on fresh leaf copies of the inputs."""
+    z1 = z1.detach().clone().requires_grad_()
+    z2 = z2.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_(soft)
     loss, pen = fn(z1, z2, w)
-    inputs = [z1, z2] + ([w] if case.soft else [])
+    inputs = [z1, z2] + ([w] if soft else [])
     total = (loss * up_loss.to(loss.dtype)).sum() + (pen * up_pen.to(pen.dtype)).sum()
     grads = torch.autograd.grad(total, inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
@@ -100,14 +108,13 @@ def compare_case(backend: str, case: Case, device="cpu", dtype=torch.float32) ->
     z1, z2, w = make_inputs(case, dtype=dtype, device=device)
     up_loss = torch.randn(case.envs, device=device)
     up_pen = torch.randn(case.envs, device=device)
-    kw = dict(temperature=case.temperature, irm_temperature=case.irm_temperature,
-              soft=case.soft, penalty=case.penalty, nonorm=case.nonorm)
-    want = _outputs_and_grads(
+    kw = op_kwargs(case)
+    want = outputs_and_grads(
         lambda a, b, c: env_contrastive_loss_reference(a, b, c, **kw),
-        z1.double(), z2.double(), w.double(), case, up_loss.double(), up_pen.double())
-    got = _outputs_and_grads(
+        z1.double(), z2.double(), w.double(), case.soft, up_loss.double(), up_pen.double())
+    got = outputs_and_grads(
         lambda a, b, c: env_contrastive_loss(a, b, c, backend=backend, **kw),
-        z1, z2, w, case, up_loss, up_pen)
+        z1, z2, w, case.soft, up_loss, up_pen)
     return max(relative_error(g, r, VALUE_FLOOR if i < 2 else GRADIENT_FLOOR)
                for i, (g, r) in enumerate(zip(got, want)))
 

@@ -1,6 +1,17 @@
 """Shared fixtures of the test suite."""
+import os
+import random
+
 import pytest
 import torch
+
+
+@pytest.fixture
+def seed():
+    """Fresh random inputs every run; ``FASTIPIRM_TEST_SEED`` replays a failure's seed."""
+    s = int(os.environ.get("FASTIPIRM_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(s)
+    return s
 
 
 @pytest.fixture(scope="module")

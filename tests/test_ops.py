@@ -4,24 +4,16 @@ Fresh random inputs every run: a failing case prints its seed so it can be repla
 ``FASTIPIRM_TEST_SEED=<seed>``.
 """
 import itertools
-import os
-import random
 
 import pytest
 import torch
 
-from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, relative_error
+from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, op_kwargs,
+                             outputs_and_grads, relative_error)
 from fastipirm.ops import (PENALTIES, available_backends, env_contrastive_loss,
                            env_contrastive_loss_reference)
 
 BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # triton: test_triton_backend
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("FASTIPIRM_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(s)
-    return s
 
 
 def make(case: Case, dtype=torch.float32):
@@ -29,20 +21,10 @@ def make(case: Case, dtype=torch.float32):
 
 
 def run(fn, z1, z2, w, soft, up):
-    z1 = z1.detach().clone().requires_grad_()
-    z2 = z2.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_(soft)
-    loss, pen = fn(z1, z2, w)
-    ins = [z1, z2] + ([w] if soft else [])
-    total = (loss * up[0].to(loss.dtype)).sum() + (pen * up[1].to(pen.dtype)).sum()
-    grads = torch.autograd.grad(total, ins, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
-    return [loss.detach(), pen.detach()] + [g.detach() for g in grads]
+    return outputs_and_grads(fn, z1, z2, w, soft, *up)
 
 
-def kwargs(case):
-    return dict(temperature=case.temperature, irm_temperature=case.irm_temperature,
-                soft=case.soft, penalty=case.penalty, nonorm=case.nonorm)
+kwargs = op_kwargs
 
 
 def reference(case, z1, z2, w, up, dtype=torch.float64):

@@ -15,12 +15,12 @@ Fresh random inputs every run; a failing case prints its seed (replay with
 """
 import itertools
 import os
-import random
 
 import pytest
 import torch
 
-from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, relative_error
+from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, op_kwargs,
+                             outputs_and_grads, relative_error)
 from fastipirm.ops import PENALTIES, env_contrastive_loss_reference
 
 # TRITON_INTERPRET must be set when the kernels are decorated (first import of the kernel module);
@@ -58,13 +58,6 @@ interp = pytest.mark.skipif(
 NAMES = ["loss", "penalty", "grad z1", "grad z2", "grad weights"]
 
 
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("FASTIPIRM_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(s)
-    return s
-
-
 def make(case: Case, norms=None, min_weight=0.0, device="cpu"):
     """``fastipirm.check.make_inputs``, with feature norms drawn uniformly from ``norms`` and soft
     weights rescaled into ``[min_weight, 1)`` (not for the special empty/single/equal columns)."""
@@ -78,22 +71,13 @@ def make(case: Case, norms=None, min_weight=0.0, device="cpu"):
     return z1, z2, w
 
 
-def kwargs(case):
-    return dict(temperature=case.temperature, irm_temperature=case.irm_temperature,
-                soft=case.soft, penalty=case.penalty, nonorm=case.nonorm)
+kwargs = op_kwargs
 
 
 def run(fn, z1, z2, w, case, up, dtype, wdtype=None):
     """Outputs and gradients (z1, z2, and w in soft mode) for the upstream gradient ``up``."""
-    z1 = z1.detach().to(dtype).clone().requires_grad_()
-    z2 = z2.detach().to(dtype).clone().requires_grad_()
-    w = w.detach().to(wdtype or torch.float32).clone().requires_grad_(case.soft)
-    loss, pen = fn(z1, z2, w, **kwargs(case))
-    ins = [z1, z2] + ([w] if case.soft else [])
-    total = (loss * up[0].to(loss.dtype)).sum() + (pen * up[1].to(pen.dtype)).sum()
-    grads = torch.autograd.grad(total, ins, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
-    return [loss.detach(), pen.detach()] + [g.detach() for g in grads]
+    return outputs_and_grads(lambda a, b, c: fn(a, b, c, **kwargs(case)), z1.to(dtype),
+                             z2.to(dtype), w.to(wdtype or torch.float32), case.soft, *up)
 
 
 def reference(case, z1, z2, w, up, dtype=torch.float64):
