@@ -103,6 +103,29 @@ def outputs_and_grads(fn, z1, z2, w, soft: bool, up_loss, up_pen) -> list:
     return [loss.detach(), pen.detach()] + [g.detach() for g in grads]
 
 
+def check_compiled_step(impl, device="cpu") -> None:
+    """A tiny training step through ``impl`` (backend signature) compiles with
+    ``fullgraph=True`` (aot_eager) and gives the eager loss and parameter gradient."""
+    lin = torch.nn.Linear(8, 8).to(device)
+    z1, z2, w = make_inputs(Case(6, 8, 2, True, "slot"), device=device)
+
+    def step(x1, x2, weights):
+        a = torch.nn.functional.normalize(lin(x1), dim=1)
+        b = torch.nn.functional.normalize(lin(x2), dim=1)
+        loss, pen = impl(a, b, weights, temperature=0.5, irm_temperature=0.4, soft=True,
+                         penalty="slot", nonorm=False)
+        return loss.mean() + 0.5 * pen.mean()
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(z1, z2, w)
+    out.backward()
+    grad = lin.weight.grad.clone()
+    lin.weight.grad = None
+    ref = step(z1, z2, w)
+    ref.backward()
+    assert torch.allclose(out, ref), f"compiled loss {out.item()} != eager {ref.item()}"
+    assert torch.allclose(grad, lin.weight.grad, atol=1e-6), "compiled gradient != eager"
+
+
 def compare_case(backend: str, case: Case, device="cpu", dtype=torch.float32) -> float:
     """Largest relative error of ``backend`` against the float64 reference over all outputs."""
     z1, z2, w = make_inputs(case, dtype=dtype, device=device)

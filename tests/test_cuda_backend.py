@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, op_kwargs,
-                             outputs_and_grads, relative_error)
+from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, check_compiled_step,
+                             make_inputs, op_kwargs, outputs_and_grads, relative_error)
 from fastipirm.ops import PENALTIES, env_contrastive_loss_reference
 from fastipirm.ops import cuda_backend as CB
 from fastipirm.ops.fused import FusedKernels, fused_eager
@@ -673,25 +673,7 @@ def test_gpu_opcheck_custom_op(soft, penalty):
 
 @pytest.mark.gpu
 def test_gpu_training_step_compiles_fullgraph(seed):
-    impl = _backend_or_skip()
-    lin = torch.nn.Linear(8, 8).cuda()
-    z1, z2, w = make_inputs(Case(6, 8, 2, True, "slot"), device="cuda")
-
-    def step(x1, x2, weights):
-        a = torch.nn.functional.normalize(lin(x1), dim=1)
-        b = torch.nn.functional.normalize(lin(x2), dim=1)
-        loss, pen = impl(a, b, weights, temperature=0.5, irm_temperature=0.4, soft=True,
-                         penalty="slot", nonorm=False)
-        return loss.mean() + 0.5 * pen.mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(z1, z2, w)
-    out.backward()
-    g = lin.weight.grad.clone()
-    lin.weight.grad = None
-    ref = step(z1, z2, w)
-    ref.backward()
-    assert torch.allclose(out, ref) and torch.allclose(g, lin.weight.grad, atol=1e-6), seed
+    check_compiled_step(_backend_or_skip(), device="cuda")
 
 
 @pytest.mark.gpu

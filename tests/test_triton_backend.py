@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, op_kwargs,
-                             outputs_and_grads, relative_error)
+from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, check_compiled_step,
+                             make_inputs, op_kwargs, outputs_and_grads, relative_error)
 from fastipirm.ops import PENALTIES, env_contrastive_loss_reference
 
 # TRITON_INTERPRET must be set when the kernels are decorated (first import of the kernel module);
@@ -279,24 +279,7 @@ def test_opcheck_custom_op(soft, penalty):
 
 @interp
 def test_training_step_compiles_fullgraph(seed):
-    lin = torch.nn.Linear(8, 8)
-    z1, z2, w = make(Case(6, 8, 2, True, "slot"))
-
-    def step(x1, x2, weights):
-        a = torch.nn.functional.normalize(lin(x1), dim=1)
-        b = torch.nn.functional.normalize(lin(x2), dim=1)
-        loss, pen = K.env_contrastive_loss_triton(a, b, weights, temperature=0.5,
-                                                  irm_temperature=0.4, soft=True)
-        return loss.mean() + 0.5 * pen.mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(z1, z2, w)
-    out.backward()
-    g = lin.weight.grad.clone()
-    lin.weight.grad = None
-    ref = step(z1, z2, w)
-    ref.backward()
-    assert torch.allclose(out, ref) and torch.allclose(g, lin.weight.grad, atol=1e-6), seed
+    check_compiled_step(K.env_contrastive_loss_triton)
 
 
 def test_too_wide_features_are_a_clear_error():

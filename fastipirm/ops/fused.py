@@ -28,6 +28,7 @@ backend computes in float64). :func:`register_fused_backend` turns a kernel set 
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -35,8 +36,9 @@ from .custom_ops import register_env_contrastive_op
 from .torch_backend import _Setup as _TorchSetup
 
 
-class FusedKernels:
-    """The three kernels of a fused backend (see the module docstring); subclass and implement."""
+class FusedKernels(ABC):
+    """The three kernels of a fused backend (see the module docstring); a backend implements the
+    three abstract methods."""
 
     name = "fused"
 
@@ -58,14 +60,17 @@ class FusedKernels:
         """Context making ``t``'s device current (kernels launch on the current CUDA device)."""
         return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
+    @abstractmethod
     def rowstats(self, feats, spos, w2, batch, t1, t2, two_t):
-        raise NotImplementedError(f"{type(self).__name__}.rowstats")
+        """``(mrow, zn, znt)``: see the module docstring."""
 
+    @abstractmethod
     def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb):
-        raise NotImplementedError(f"{type(self).__name__}.band")
+        """``(nb_out, N, G)`` band reductions: see the module docstring."""
 
+    @abstractmethod
     def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
-        raise NotImplementedError(f"{type(self).__name__}.grad")
+        """``(df, gw or None)``: see the module docstring."""
 
 
 class Setup(_TorchSetup):
