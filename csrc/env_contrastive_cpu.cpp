@@ -171,6 +171,7 @@ inline void tile_mul(const T* x, bool transpose, const T* f, int64_t g, T* o) {
 // A (npad, cols) row-major copy of a (rows, cols) tensor with zero rows beyond `rows`, and the
 // (cols, npad) transpose (ATen's copy kernels: O(N D) preparation, not the kernel's hot loop).
 inline at::Tensor padded(const at::Tensor& x, int64_t npad) {
+  if (x.size(0) == npad) return x.contiguous();  // no copy when N is a multiple of kTile
   return at::constant_pad_nd(x, {0, 0, 0, npad - x.size(0)}).contiguous();
 }
 
@@ -186,6 +187,7 @@ struct Tiles {
   const T* ft;  // (d, npad)
   std::vector<std::pair<int64_t, int64_t>> pairs;
   std::vector<int64_t> sample;  // a mod B for every row a < npad (no division in the tile loops)
+  std::vector<T> sample_v;      // the same as T (exact: npad < 2^24), read by the vector band masks
 
   Tiles(const at::Tensor& feats, int64_t batch_) : batch(batch_) {
     n = feats.size(0);
@@ -199,7 +201,11 @@ struct Tiles {
     for (int64_t i = 0; i < nt; ++i)
       for (int64_t j = i; j < nt; ++j) pairs.emplace_back(i * kTile, j * kTile);
     sample.resize(npad);
-    for (int64_t a = 0; a < npad; ++a) sample[a] = a % batch;
+    sample_v.resize(npad);
+    for (int64_t a = 0; a < npad; ++a) {
+      sample[a] = a % batch;
+      sample_v[a] = T(sample[a]);
+    }
   }
 
   // s[r * kTile + c] = <F[i0 + r], F[j0 + c]>
@@ -215,10 +221,25 @@ struct Tiles {
     return col < i ? 0 : (col > i + batch ? 2 : 1);
   }
 
-  // Band of the tile element (r, c) of tile (i0, j0): anchors are rows (anchor_rows) or columns.
-  int band_at(int64_t i0, int64_t j0, bool anchor_rows, int64_t r, int64_t c) const {
-    const int64_t anchor = anchor_rows ? i0 + r : j0 + c, col = anchor_rows ? j0 + c : i0 + r;
-    return anchor < n ? band(anchor, col) : 0;
+  // dst[r][c] = src[r][c] where the tile element (r, c) of tile (i0, j0) is in band b (anchors are
+  // the rows when anchor_rows, else the columns), else dst[r][c] (keep) or 0. Vectorised: per
+  // element, band = col < i ? 0 : (col > i + B ? 2 : 1) with i the anchor's sample index. Padding
+  // rows and columns are zero in every tile this is applied to, so their band does not matter.
+  void band_part(int64_t i0, int64_t j0, bool anchor_rows, int b, const T* src, T* dst,
+                 bool keep) const {
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::kLanes;
+    V iota;
+    for (int l = 0; l < L; ++l) iota[l] = T(l);
+    const T bt = T(b), bsz = T(batch);
+    for (int64_t r = 0; r < kTile; ++r)
+      for (int64_t c = 0; c < kTile; c += L) {
+        const V col = anchor_rows ? iota + T(j0 + c) : V{} + T(i0 + r);
+        const V i = anchor_rows ? V{} + sample_v[i0 + r] : loadu(sample_v.data() + j0 + c);
+        const V bnd = col < i ? V{} : (col > i + bsz ? V{} + T(2) : V{} + T(1));
+        const V other = keep ? loadu(dst + r * kTile + c) : V{};
+        storeu(dst + r * kTile + c, bnd == bt ? loadu(src + r * kTile + c) : other);
+      }
   }
 
   // The band shared by every valid (anchor, column) of tile (i0, j0), or -1 (bands are monotone
@@ -288,9 +309,7 @@ void band_mul(const Tiles<T>& t, const T* x, int64_t i0, int64_t j0, bool anchor
     return;
   }
   for (int b = 0; b < 3; ++b) {
-    for (int64_t r = 0; r < kTile; ++r)
-      for (int64_t c = 0; c < kTile; ++c)
-        scratch[r * kTile + c] = t.band_at(i0, j0, anchor_rows, r, c) == b ? x[r * kTile + c] : T(0);
+    t.band_part(i0, j0, anchor_rows, b, x, scratch, false);
     tile_mul(scratch, transpose, fac[b], g, out[b]);
   }
 }
@@ -309,11 +328,47 @@ void band_select(const Tiles<T>& t, int64_t i0, int64_t j0, bool anchor_rows, in
   for (int b = 0; b < 3; ++b) {
     std::fill(scratch, scratch + kTT, T(0));
     gemm_acc<T>(kTile, kTile, g, a[b], g, 1, bt[b], t.npad, scratch, kTile);
-    for (int64_t r = 0; r < kTile; ++r)
-      for (int64_t c = 0; c < kTile; ++c)
-        if (t.band_at(i0, j0, anchor_rows, r, c) == b) x[r * kTile + c] = scratch[r * kTile + c];
+    t.band_part(i0, j0, anchor_rows, b, scratch, x, true);
   }
 }
+
+// The similarity tiles of a kernel: the first `cache.size(0)` unordered pairs (in Tiles::pairs
+// order) live in a caller-owned cache tensor (ncached, kTile, kTile) that rowstats fills
+// (ready = false) and band and grad read (ready = true), so one forward and backward compute
+// the similarity once. The cache's size is the caller's choice (a fixed budget, see
+// fastipirm/ops/cpu_backend.py); pairs beyond it are recomputed, and an empty cache means
+// "recompute every tile". Cached and recomputed tiles are bitwise equal.
+template <typename T>
+struct SimSource {
+  const Tiles<T>& t;
+  T* cache;
+  int64_t ncached;
+  bool ready;
+
+  SimSource(const Tiles<T>& t_, const at::Tensor& cache_t, bool ready_)
+      : t(t_), cache(nullptr), ncached(0), ready(ready_) {
+    if (cache_t.defined() && cache_t.numel() > 0) {
+      TORCH_CHECK(cache_t.dim() == 3 && cache_t.size(1) == kTile && cache_t.size(2) == kTile &&
+                      cache_t.is_contiguous() &&
+                      cache_t.scalar_type() == c10::CppTypeToScalarType<T>::value,
+                  "similarity cache must be a contiguous (pairs, ", kTile, ", ", kTile,
+                  ") tensor of feats' dtype");
+      ncached = std::min<int64_t>(cache_t.size(0), static_cast<int64_t>(t.pairs.size()));
+      cache = cache_t.data_ptr<T>();
+    }
+  }
+
+  // S tile of pair p = (i0, j0): read from the cache, computed into its slot, or into `scratch`
+  const T* get(int64_t p, int64_t i0, int64_t j0, T* scratch) const {
+    if (p < ncached) {
+      T* slot = cache + p * kTT;
+      if (!ready) t.sim(i0, j0, slot);
+      return slot;
+    }
+    t.sim(i0, j0, scratch);
+    return scratch;
+  }
+};
 
 // Per-thread accumulators summed in thread order (deterministic for a given thread count).
 template <typename T>
@@ -341,8 +396,9 @@ struct Accum {
   }
 };
 
-// Run body(i0, j0, scratch) over the unordered tile pairs, split over threads round-robin (the
-// cheaper diagonal pairs spread evenly); the split only depends on the thread count.
+// Run body(p, i0, j0, scratch) over the unordered tile pairs p = (i0, j0), split over threads
+// round-robin (the cheaper diagonal pairs spread evenly); the split only depends on the thread
+// count.
 template <typename T, typename Body>
 void for_pairs(const Tiles<T>& t, int scratch_tiles, Body body) {
   const int64_t pairs = static_cast<int64_t>(t.pairs.size());
@@ -351,7 +407,7 @@ void for_pairs(const Tiles<T>& t, int scratch_tiles, Body body) {
     std::vector<T> scratch(scratch_tiles * kTT);
     for (int64_t w = begin; w < end; ++w)
       for (int64_t p = w; p < pairs; p += workers)
-        body(t.pairs[p].first, t.pairs[p].second, scratch.data());
+        body(p, t.pairs[p].first, t.pairs[p].second, scratch.data());
   });
 }
 
@@ -366,8 +422,9 @@ void for_pairs(const Tiles<T>& t, int scratch_tiles, Body body) {
 template <typename T>
 std::vector<at::Tensor> rowstats_impl(const at::Tensor& feats, const at::Tensor& spos,
                                       const at::Tensor& w2_t, int64_t batch, double t1_,
-                                      double t2_, bool two_t) {
+                                      double t2_, bool two_t, const at::Tensor& cache) {
   const Tiles<T> t(feats, batch);
+  const SimSource<T> src(t, cache, false);
   const int64_t npad = t.npad, mm = w2_t.size(1);
   const at::Tensor w2_p = padded(w2_t, npad);
   const T* w2 = w2_p.data_ptr<T>();
@@ -375,12 +432,12 @@ std::vector<at::Tensor> rowstats_impl(const at::Tensor& feats, const at::Tensor&
   std::vector<T> init(npad, T(0));
   std::copy(spos.data_ptr<T>(), spos.data_ptr<T>() + t.n, init.begin());
   Accum<T> acc_z1(npad * mm), acc_z2(two_t ? npad * mm : 0), acc_m(npad);
-  for_pairs(t, 2, [&](int64_t i0, int64_t j0, T* scratch) {
+  for_pairs(t, 2, [&](int64_t p, int64_t i0, int64_t j0, T* scratch) {
     T* z1 = acc_z1.mine();
     T* z2 = two_t ? acc_z2.mine() : nullptr;
     T* mx = acc_m.mine(init.data());
-    T *s = scratch, *e = scratch + kTT;
-    t.sim(i0, j0, s);
+    const T* s = src.get(p, i0, j0, scratch);
+    T* e = scratch + kTT;
     const int64_t rows = std::min(kTile, t.n - i0), cols = std::min(kTile, t.n - j0);
     // dir 0: anchors I (rows of the tile) against columns J; dir 1: anchors J (columns), rows I
     for (int dir = 0; dir < (i0 == j0 ? 1 : 2); ++dir) {
@@ -453,21 +510,25 @@ std::vector<at::Tensor> rowstats_impl(const at::Tensor& feats, const at::Tensor&
 
 template <typename T>
 at::Tensor band_impl(const at::Tensor& feats, const at::Tensor& mrow, const at::Tensor& fac_t,
-                     int64_t nb_out, int64_t batch, double t2, bool trans, int64_t nb) {
+                     int64_t nb_out, int64_t batch, double t2, bool trans, int64_t nb,
+                     const at::Tensor& cache) {
   const Tiles<T> t(feats, batch);
-  const int64_t npad = t.npad, g = fac_t.size(2), nfac = fac_t.size(0);
+  const SimSource<T> src(t, cache, true);
+  const int64_t npad = t.npad, g = fac_t.size(2);
   // (nfac, npad, g), zero rows beyond n
-  const at::Tensor fac_p = at::constant_pad_nd(fac_t, {0, 0, 0, npad - t.n}).contiguous();
+  const at::Tensor fac_p =
+      npad == t.n ? fac_t.contiguous()
+                  : at::constant_pad_nd(fac_t, {0, 0, 0, npad - t.n}).contiguous();
   const T* fac = fac_p.data_ptr<T>();
   std::vector<T> m(npad, T(0));
   std::copy(mrow.data_ptr<T>(), mrow.data_ptr<T>() + t.n, m.begin());
   const T inv_t = T(1) / T(t2);
   const int64_t out_bands = trans ? nb_out : 1;
   Accum<T> acc(out_bands * npad * g);
-  for_pairs(t, 3, [&](int64_t i0, int64_t j0, T* scratch) {
+  for_pairs(t, 3, [&](int64_t p, int64_t i0, int64_t j0, T* scratch) {
     T* out = acc.mine();
-    T *s = scratch, *k = scratch + kTT;
-    t.sim(i0, j0, s);
+    const T* s = src.get(p, i0, j0, scratch);
+    T* k = scratch + kTT;
     // dir 0: anchors I (rows of the tile), columns J; dir 1: anchors J, columns I
     for (int dir = 0; dir < (i0 == j0 ? 1 : 2); ++dir) {
       const bool rows_are_anchors = dir == 0;
@@ -492,7 +553,7 @@ at::Tensor band_impl(const at::Tensor& feats, const at::Tensor& mrow, const at::
       }
     }
   });
-  at::Tensor result = at::zeros({nb_out, t.n, g}, feats.options());
+  at::Tensor result = at::zeros({nb_out, t.n, g}, feats.options());  // bands past out_bands: 0
   std::vector<T> full(out_bands * npad * g);
   acc.sum_into(full.data(), out_bands * npad * g);
   T* r = result.data_ptr<T>();
@@ -510,8 +571,9 @@ std::vector<at::Tensor> grad_impl(const at::Tensor& feats, const at::Tensor& mro
                                   const at::Tensor& w2_t, const at::Tensor& gz1_t,
                                   const at::Tensor& gz2_t, const at::Tensor& rc_t,
                                   const at::Tensor& gacc_t, int64_t batch, double t1, double t2,
-                                  bool two_t, bool need_gw) {
+                                  bool two_t, bool need_gw, const at::Tensor& cache) {
   const Tiles<T> t(feats, batch);
+  const SimSource<T> src(t, cache, true);
   const int64_t npad = t.npad, d = t.d, mm = w2_t.size(1), g = rc_t.size(1);
   const int64_t nb = gacc_t.size(0);
   // padded (npad, *) copies and (*, npad) transposes of the O(N M) inputs
@@ -539,12 +601,13 @@ std::vector<at::Tensor> grad_impl(const at::Tensor& feats, const at::Tensor& mro
   const T inv1 = T(1) / T(t1), inv2 = T(1) / T(t2);
   Accum<T> acc_df(npad * d), acc_gw(need_gw ? npad * mm : 0);
 
-  for_pairs(t, 8, [&](int64_t i0, int64_t j0, T* scratch) {
+  for_pairs(t, 8, [&](int64_t pair, int64_t i0, int64_t j0, T* scratch) {
     T* df = acc_df.mine();
     T* gw = need_gw ? acc_gw.mine() : nullptr;
-    T *s = scratch, *e1 = s + kTT, *e2 = s + 2 * kTT, *p1 = s + 3 * kTT, *p2 = s + 4 * kTT;
-    T *bd = s + 5 * kTT, *ds = s + 6 * kTT, *tmp = s + 7 * kTT;
-    t.sim(i0, j0, s);
+    const T* s = src.get(pair, i0, j0, scratch);
+    T *e1 = scratch + kTT, *e2 = scratch + 2 * kTT, *p1 = scratch + 3 * kTT;
+    T *p2 = scratch + 4 * kTT, *bd = scratch + 5 * kTT, *ds = scratch + 6 * kTT;
+    T* tmp = scratch + 7 * kTT;
     std::fill(ds, ds + kTT, T(0));
     // dir 0: anchors = rows (I), columns J; dir 1: anchors = columns (J), columns I. Both in the
     // (I, J) layout of s, so ds = dS_IJ + (dS_JI)^T.
@@ -623,51 +686,56 @@ void check_cpu(const at::Tensor& feats, const std::vector<at::Tensor>& others) {
 
 std::vector<at::Tensor> rowstats(const at::Tensor& feats, const at::Tensor& spos,
                                  const at::Tensor& w2, int64_t batch, double t1, double t2,
-                                 bool two_t) {
+                                 bool two_t, const at::Tensor& cache) {
   check_cpu(feats, {spos, w2});
   TORCH_CHECK(feats.size(0) == 2 * batch && w2.size(0) == feats.size(0) &&
                   spos.numel() == feats.size(0),
               "rowstats: feats, spos and w2 must have 2 * batch rows");
   return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rowstats", [&] {
-    return rowstats_impl<scalar_t>(feats, spos, w2, batch, t1, t2, two_t);
+    return rowstats_impl<scalar_t>(feats, spos, w2, batch, t1, t2, two_t, cache);
   });
 }
 
 at::Tensor band(const at::Tensor& feats, const at::Tensor& mrow, const at::Tensor& fac,
-                int64_t nb_out, int64_t batch, double t2, bool trans, int64_t nb) {
+                int64_t nb_out, int64_t batch, double t2, bool trans, int64_t nb,
+                const at::Tensor& cache) {
   check_cpu(feats, {mrow, fac});
   TORCH_CHECK(feats.size(0) == 2 * batch && fac.dim() == 3 && fac.size(1) == feats.size(0),
               "band: fac must be (bands, 2 * batch, G)");
   TORCH_CHECK(nb == 1 || nb == 3, "band: nb must be 1 or 3");
   TORCH_CHECK(trans ? fac.size(0) == 1 : fac.size(0) == nb, "band: fac has the wrong band count");
   return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "band", [&] {
-    return band_impl<scalar_t>(feats, mrow, fac, trans ? nb_out : 1, batch, t2, trans, nb);
+    return band_impl<scalar_t>(feats, mrow, fac, trans ? nb_out : 1, batch, t2, trans, nb, cache);
   });
 }
 
 std::vector<at::Tensor> grad(const at::Tensor& feats, const at::Tensor& mrow,
                              const at::Tensor& w2, const at::Tensor& gz1, const at::Tensor& gz2,
                              const at::Tensor& rc, const at::Tensor& gacc, int64_t batch,
-                             double t1, double t2, bool two_t, bool need_gw) {
+                             double t1, double t2, bool two_t, bool need_gw,
+                             const at::Tensor& cache) {
   check_cpu(feats, {mrow, w2, gz1, gz2, rc, gacc});
   TORCH_CHECK(feats.size(0) == 2 * batch && w2.size(0) == feats.size(0) &&
                   rc.size(0) == feats.size(0) && gacc.dim() == 3,
               "grad: inputs must have 2 * batch rows");
   return AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "grad", [&] {
     return grad_impl<scalar_t>(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t,
-                               need_gw);
+                               need_gw, cache);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fastipirm_ext, m) {
+  // cache: the similarity tile cache (see SimSource), written by rowstats, read by band and
+  // grad; empty: no cache
   m.def("rowstats(Tensor feats, Tensor spos, Tensor w2, int batch, float t1, float t2, "
-        "bool two_t) -> Tensor[]");
+        "bool two_t, Tensor(a!) cache) -> Tensor[]");
   m.def("band(Tensor feats, Tensor mrow, Tensor fac, int nb_out, int batch, float t2, "
-        "bool trans, int nb) -> Tensor");
+        "bool trans, int nb, Tensor cache) -> Tensor");
   m.def("grad(Tensor feats, Tensor mrow, Tensor w2, Tensor gz1, Tensor gz2, Tensor rc, "
-        "Tensor gacc, int batch, float t1, float t2, bool two_t, bool need_gw) -> Tensor[]");
+        "Tensor gacc, int batch, float t1, float t2, bool two_t, bool need_gw, "
+        "Tensor cache) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastipirm_ext, CPU, m) {

@@ -38,9 +38,9 @@ are inaccurate. A shift per environment would fix it at M times the exp work; no
 All the environment logic (kappa, norms, hard/soft, nonorm, split groups, the rank ``pos``, the
 scatter of the ``(3, N, G)`` band sums to slots, the positive pair, the four penalty variants) is
 O(N M) torch "glue" on the kernel outputs, shared with the C++ and CUDA backends
-(:mod:`fastipirm.ops.fused`, which states each kernel's contract). Backward differentiates that glue with
-``torch.func.vjp`` (a single backward of O(N M) work, no ``create_graph``, no double backward) to
-get ``gZN, gZN~, gACC, gRC`` and the direct weight gradients, then runs the two backward kernels.
+(:mod:`fastipirm.ops.fused`, which states each kernel's contract). Backward differentiates that glue in
+closed form (O(N M) work, no ``create_graph``, no double backward) to get ``gZN, gZN~, gACC, gRC``
+and the direct weight gradients, then runs the two backward kernels.
 With ``x = S/T``:
 
 ``dS_ac = E_ac/T (gZN W2^T)_ac + E~_ac/T' (gZN~ W2^T)_ac
@@ -446,13 +446,14 @@ class TritonKernels(FusedKernels):
             raise ValueError(f"the triton backend supports feature dimensions up to {MAX_D}; got "
                              f"D={z1.shape[1]} (use backend='torch')")
 
-    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t):
+    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t, cache=None):
         return _rowstats(feats, spos, w2, batch, t1, t2, two_t, _precisions(feats.dtype))
 
-    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb):
+    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb, cache=None):
         return _band(feats, mrow, fac, nb_out, batch, t2, trans, nb, _precisions(feats.dtype))
 
-    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
+    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
+             cache=None):
         return _grad(feats, mrow, w2.float(), gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
                      _precisions(feats.dtype))
 

@@ -86,12 +86,67 @@ def test_opcheck_and_fullgraph_compile():
 def test_kernels_reject_bad_input():
     ext = torch.ops.fastipirm_ext
     with pytest.raises(RuntimeError, match="contiguous"):
-        ext.rowstats(torch.randn(4, 3).t(), torch.ones(3), torch.ones(3, 1), 2, 0.5, 0.5, False)
+        ext.rowstats(torch.randn(4, 3).t(), torch.ones(3), torch.ones(3, 1), 2, 0.5, 0.5, False,
+                     torch.empty(0))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ext.rowstats(torch.randn(4, 3).half(), torch.ones(4).half(), torch.ones(4, 1).half(), 2,
-                     0.5, 0.5, False)
+                     0.5, 0.5, False, torch.empty(0))
     with pytest.raises(RuntimeError, match="2 \\* batch"):
-        ext.rowstats(torch.randn(4, 3), torch.ones(4), torch.ones(4, 1), 3, 0.5, 0.5, False)
+        ext.rowstats(torch.randn(4, 3), torch.ones(4), torch.ones(4, 1), 3, 0.5, 0.5, False,
+                     torch.empty(0))
+    with pytest.raises(RuntimeError, match="similarity cache"):
+        ext.rowstats(torch.randn(4, 3), torch.ones(4), torch.ones(4, 1), 2, 0.5, 0.5, False,
+                     torch.empty(1, 8, 8))
+    with pytest.raises(RuntimeError, match="similarity cache"):
+        ext.rowstats(torch.randn(4, 3), torch.ones(4), torch.ones(4, 1), 2, 0.5, 0.5, False,
+                     torch.empty(1, 64, 64, dtype=torch.float64))
+
+
+@needs_ext
+@pytest.mark.parametrize("soft,penalty,temps", [(False, "slot", (0.5, 0.5)),
+                                                (True, "split", (0.5, 0.3)),
+                                                (True, "scalar", (0.2, 0.2))])
+def test_sim_cache_is_bitwise_invisible(soft, penalty, temps):
+    """No cache, a cache holding some of the tile pairs and one holding all of them give bitwise
+    equal losses and gradients (cached tiles are the tiles the kernels would recompute)."""
+    from fastipirm.ops.cpu_backend import SIM_TILE, CpuKernels, sim_cache_tiles
+    from fastipirm.ops.fused import fused_eager
+
+    z1, z2, w = _inputs(b=150, d=24, m=4, soft=soft)       # N = 300: 5 row tiles, 15 pairs
+    tile_mb = SIM_TILE * SIM_TILE * 4 / 2**20
+    assert sim_cache_tiles(300, 4, 6 * tile_mb) == 6 and sim_cache_tiles(300, 4, 1e3) == 15
+    results = []
+    for budget in (0.0, 6 * tile_mb, 1e3):
+        kern = CpuKernels(cache_mb=budget)
+        assert (kern.sim_cache(torch.empty(300, 24)) is None) == (budget == 0)
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        c = w.clone().requires_grad_(soft)
+        loss, pen = fused_eager(kern, a, b, c, temperature=temps[0], irm_temperature=temps[1],
+                                soft=soft, penalty=penalty)
+        (loss.sum() + 0.3 * pen.sum()).backward()
+        results.append([loss, pen, a.grad, b.grad] + ([c.grad] if soft else []))
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+
+
+def test_sim_cache_budget_from_environment(monkeypatch):
+    from fastipirm.ops.cpu_backend import (CACHE_ENV, DEFAULT_CACHE_MB, CpuKernels,
+                                           sim_cache_budget_mb, sim_cache_tiles)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert sim_cache_budget_mb() == DEFAULT_CACHE_MB
+    assert sim_cache_tiles(2048, 4, DEFAULT_CACHE_MB) == 32 * 33 // 2   # 2B=2048 fits (8.6 MiB)
+    assert sim_cache_tiles(100_000, 4, DEFAULT_CACHE_MB) == 128 * 2**20 // (64 * 64 * 4)
+    monkeypatch.setenv(CACHE_ENV, "0")
+    assert CpuKernels().sim_cache(torch.empty(200, 8)) is None
+    monkeypatch.setenv(CACHE_ENV, "lots")
+    with pytest.raises(ValueError, match=CACHE_ENV):
+        sim_cache_budget_mb()
+    monkeypatch.setenv(CACHE_ENV, "-1")
+    with pytest.raises(ValueError, match=">= 0"):
+        sim_cache_budget_mb()
+    with pytest.raises(ValueError, match="cache_mb"):
+        CpuKernels(cache_mb=-2)
 
 
 @needs_ext

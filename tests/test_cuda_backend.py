@@ -350,7 +350,7 @@ class EmulatedKernels(FusedKernels):
     def __init__(self, lib, allow_tf32=False):
         self.lib, self.tf32 = lib, int(allow_tf32)
 
-    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t):
+    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t, cache=None):
         n, d = feats.shape
         m = w2.shape[1]
         spos, w2 = spos.float().contiguous(), w2.float().contiguous()
@@ -362,7 +362,7 @@ class EmulatedKernels(FusedKernels):
         assert rc == 0, rc
         return mrow, zn, (znt if two_t else zn)
 
-    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb):
+    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb, cache=None):
         n, d = feats.shape
         g = fac.shape[2]
         fac = fac.float().contiguous()
@@ -373,7 +373,8 @@ class EmulatedKernels(FusedKernels):
         assert rc == 0, rc
         return out
 
-    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
+    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
+             cache=None):
         n, d = feats.shape
         m, g, nb = w2.shape[1], rc.shape[1], gacc.shape[0]
         w2, gz1, gz2 = w2.float().contiguous(), gz1.contiguous(), gz2.contiguous()

@@ -90,18 +90,19 @@ class CudaKernels(FusedKernels):
             raise RuntimeError(f"the cuda backend needs CUDA tensors; got {z1.device.type} "
                                "tensors")
 
-    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t):
+    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t, cache=None):
         mrow, zn, znt = torch.ops.fastipirm_cuda.rowstats(
             feats, spos.float().contiguous(), w2.float().contiguous(), batch, t1, t2, two_t,
             _allow_tf32(feats.dtype))
         return mrow, zn, (znt if two_t else zn)
 
-    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb):
+    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb, cache=None):
         return torch.ops.fastipirm_cuda.band(feats, mrow.contiguous(), fac.float().contiguous(),
                                              nb_out, batch, t2, trans, nb,
                                              _allow_tf32(feats.dtype))
 
-    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
+    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
+             cache=None):
         df, gw = torch.ops.fastipirm_cuda.grad(
             feats, mrow.contiguous(), w2.float().contiguous(), gz1.float().contiguous(),
             gz2.float().contiguous(), rc.float().contiguous(), gacc.float().contiguous(), batch,
