@@ -19,6 +19,23 @@ def _weights(b, m, soft, case):
     return w
 
 
+def _statistics(n, m, penalty, temps):
+    """Random kernel statistics and output cotangents for n rows and m environments."""
+    t1, t2 = temps
+    groups = 2 * m if "split" in penalty else m
+    f64 = dict(dtype=torch.float64)
+    spos = torch.randn(n, **f64) * 0.5
+    mrow = spos + torch.rand(n, **f64) * 3.0        # mrow >= spos
+    if t1 < 0.1:
+        mrow[:4] = spos[:4] + 6.0   # rows whose positive is ~120 temperatures below the max
+    zn = torch.rand(n, m, **f64) * 5.0
+    zn[1] = 0.0                     # a row with no negative mass
+    znt = torch.rand(n, m, **f64) * 5.0 if t1 != t2 else zn
+    acc = torch.randn(Setup.nbands_of(penalty), n, groups, **f64)
+    return (spos, mrow, zn, znt, acc, torch.randn(m, **f64), torch.randn(m, **f64),
+            torch.randn(n, groups, **f64))
+
+
 @pytest.mark.parametrize("penalty", ["slot", "scalar", "split", "scalar_split"])
 @pytest.mark.parametrize("soft,nonorm", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("case", ["random", "empty", "one", "equal"])
@@ -29,17 +46,7 @@ def test_closed_form_cotangents_match_vjp(seed, penalty, soft, nonorm, case, tem
     t1, t2 = temps
     w = _weights(b, m, soft, case)
     st = Setup(w, soft, nonorm, penalty)
-    groups = st.group_weight.shape[1]
-    spos = torch.randn(n, dtype=torch.float64) * 0.5
-    mrow = spos + torch.rand(n, dtype=torch.float64) * 3.0          # mrow >= spos
-    if t1 < 0.1:
-        mrow[:4] = spos[:4] + 6.0   # rows whose positive is ~120 temperatures below the max
-    zn = torch.rand(n, m, dtype=torch.float64) * 5.0
-    zn[1] = 0.0                     # a row with no negative mass
-    znt = torch.rand(n, m, dtype=torch.float64) * 5.0 if t1 != t2 else zn
-    acc = torch.randn(st.nbands, n, groups, dtype=torch.float64)
-    g_loss, g_pen = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
-    rho = torch.randn(n, groups, dtype=torch.float64)
+    spos, mrow, zn, znt, acc, g_loss, g_pen, rho = _statistics(n, m, penalty, temps)
 
     def glue(zn_, znt_, spos_):
         znt_ = znt_ if t1 != t2 else zn_
@@ -89,16 +96,7 @@ def test_closed_form_weight_gradient_matches_vjp(seed, penalty, nonorm, case, te
     w = _weights(b, m, True, case)
     if case == "one":
         w[5, 1] = 0.0                # and a row with zero weight in a non-empty environment
-    groups = 2 * m if "split" in penalty else m
-    nb = Setup.nbands_of(penalty)
-    spos = torch.randn(n, dtype=torch.float64) * 0.5
-    mrow = spos + torch.rand(n, dtype=torch.float64) * 3.0
-    zn = torch.rand(n, m, dtype=torch.float64) * 5.0
-    zn[1] = 0.0
-    znt = torch.rand(n, m, dtype=torch.float64) * 5.0 if t1 != t2 else zn
-    acc = torch.randn(nb, n, groups, dtype=torch.float64)
-    g_loss, g_pen = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
-    rho = torch.randn(n, groups, dtype=torch.float64)
+    spos, mrow, zn, znt, acc, g_loss, g_pen, rho = _statistics(n, m, penalty, temps)
 
     def glue(zn_, znt_, spos_, w_):
         st_ = Setup(w_, True, nonorm, penalty)

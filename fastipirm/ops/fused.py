@@ -143,7 +143,11 @@ def glue_out(st: Setup, zn, znt, acc, spos, mrow, t1, t2):
     gradient vector (the penalty is ``sum_s g^2`` per group, or the product of the two halves)."""
     per_anchor = _per_anchor(st, zn, spos, mrow, t1)
     loss = torch.where(st.total > 0, (st.w2 * per_anchor).sum(0) / st.norm.clamp_min(1e-30), 0.0)
+    return (loss, *glue_penalty(st, znt, acc, spos, mrow, t2))
 
+
+def glue_penalty(st: Setup, znt, acc, spos, mrow, t2):
+    """``(penalty, g)``: the penalty part of :func:`glue_out` (the backward needs only ``g``)."""
     e2pos = torch.exp((spos - mrow) / t2)
     zt = _z(e2pos, st.kappa, znt)
     p_pos_m1 = -st.rep(st.kappa * znt) * _inv_group_z(st, zt)                        # P_pos - 1
@@ -162,7 +166,7 @@ def glue_out(st: Setup, zn, znt, acc, spos, mrow, t1, t2):
     else:
         pen = (g * g).sum(1)
     pen = torch.where(st.total > 0, pen, 0.0)
-    return loss, pen, g
+    return pen, g
 
 
 def _pen_dg(st: Setup, g, g_pen):
@@ -305,7 +309,7 @@ def fused_backward(kern: FusedKernels, feats, w, saved, g_loss, g_pen, soft, pen
         znt = znt if two_t else zn
         st = Setup(w_const, soft, nonorm, penalty)
         rc = glue_rc(st, znt, spos, mrow, t2)
-        g = glue_out(st, zn, znt, acc, spos, mrow, t1, t2)[2]
+        g = glue_penalty(st, znt, acc, spos, mrow, t2)[1]
         g_acc = glue_g_acc(st, g, g_pen).contiguous()
         rho = kern.band(feats, mrow, g_acc, 1, batch, t2, False, st.nbands, cache=cache)[0]
         g_zn, g_znt, g_spos, g_w = glue_cotangents(st, zn, znt, spos, mrow, t1, t2, g, rc, g_loss,
