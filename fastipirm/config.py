@@ -1,56 +1,17 @@
 """Run configuration: a TOML file (stdlib ``tomllib``) into typed, nested dataclasses.
 
-A config has six tables, ``[run]``, ``[data]``, ``[model]``, ``[train]``, ``[partition]`` and
-``[eval]``; every key is a field below with its default. Unknown tables or keys and values of the
-wrong type are ``ValueError``s that name the key (``train.bach_size: unknown key``), so a typo
-never silently falls back to a default. ``--set section.key=value`` overrides a key after the file
-is read (the value is parsed as a TOML value; a bare word is taken as a string).
+A config has the tables ``[run]``, ``[data]``, ``[model]``, ``[train]``, ``[method]``, ``[op]``,
+``[eval]``, and one table per method with knobs of its own: ``[ipirm]`` and ``[partition]``
+(IP-IRM's maximisation step). Every key is a field below with its default, its checks beside it
+(:func:`key`) and a comment. Unknown tables or keys and values of the wrong type are
+``ValueError``s that name the key (``train.bach_size: unknown key``); a key that moved names its
+new place. ``--set section.key=value`` overrides a key after the file is read (the value is
+parsed as a TOML value; a bare word is taken as a string).
 
-The official ``main.py`` flags (Wangt-CN/IP-IRM, spec section 10) map to keys as follows:
-
-==========================  ====================================================================
-official flag               key
-==========================  ====================================================================
-``--feature_dim``           ``model.feature_dim``
-``--temperature``           ``train.temperature`` (also the kNN weight temperature by default)
-``--tau_plus``              ``train.tau_plus`` (only used by ``--debiased``: not implemented)
-``--k``                     ``eval.k``
-``--batch_size``            ``train.batch_size``
-``--epochs``                ``train.epochs``
-``--debiased``              ``train.debiased`` (only ``false``; the DCL estimator is not ported)
-``--dataset``               ``data.name``
-``--name``                  ``run.name``
-``--pretrain_model``        ``run.pretrain_model``
-``--baseline``              ``train.baseline``
-``--ours_mode``             ``train.ours_mode`` (only ``"w"``; ``"f"`` crashes officially)
-``--penalty_weight``        ``train.penalty_weight`` (lambda1)
-``--penalty_iters``         ``train.penalty_iters``
-``--increasing_weight``     ``train.increasing_weight`` (only ``false``; crashes officially)
-``--env_num``               ``partition.env_num``
-``--maximize_iter``         ``partition.maximize_iter``
-``--irm_mode``              ``partition.irm_mode`` (only ``"v1"``)
-``--irm_weight_maxim``      ``partition.irm_weight_maxim`` (lambda2)
-``--irm_temp``              ``train.irm_temperature``
-``--random_init``           ``partition.random_init``
-``--constrain``             ``partition.constrain``
-``--constrain_relax``       ``partition.constrain_relax``
-``--retain_group``          ``partition.retain_group``
-``--retain_group_set``      ``partition.retain_group_set`` (main_mixup.py; 0 = keep all)
-``--nonorm``                ``partition.nonorm``
-``--offline``               ``partition.offline`` (only ``true``; online is not implemented)
-``--keep_cont``             ``train.keep_cont``
-``--debug``, ``--groupnorm`` unused officially; no key
-==========================  ====================================================================
-
-Defaults are the official STL-10 headline run (``runsh/IPIRM_STL_400epoch.sh``), not the argparse
-defaults of ``main.py`` (which no script uses unchanged); ``configs/stl.toml`` spells them out.
-
-Keys of our own (no official flag): ``run.*`` (output, device, threads, seeds, intervals, logging),
-``data.*`` (paths, splits, ``crop_size``/``crop_scale_min`` of RandomResizedCrop, the synthetic
-generator), ``model.width``/``hidden_dim``/``channels_last``/``compile``, ``train.penalty`` (IRM
-penalty variant), ``train.backend``, ``train.amp``, the partition optimiser's counts
-(``partition.lr``, ``milestones``, ``gamma``, ``batch_size``, ``min_epochs``, ``patience``,
-``max_epochs``: official 0.5, [5, 35], 0.2, 3096, 50, 5, 60) and the ``[eval]`` protocol.
+The official flags of IP-IRM's ``main.py`` map to keys as ``docs/official-ipirm.md`` tabulates;
+the defaults are the official STL-10 headline run (``configs/stl.toml`` spells them out), not the
+argparse defaults of ``main.py``. The lists of valid names (data sets, pipelines, architectures,
+methods, op backends and penalties, AMP modes) come from the modules that own them.
 """
 from __future__ import annotations
 
@@ -61,7 +22,70 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from .atomic import atomic_write_text
+from .data import DATASETS, PIPELINES
+from .data.synthetic import DISCRETE_FACTORS
+from .methods import METHODS
+from .models import ARCHS
+from .ops import PENALTIES
+from .ops.backends import BACKENDS
+from .runtime import AMP_MODES
+
+# ---------------------------------------------------------------------------------------------
+# checks: a check is called with (key, value) and returns an error message or None
+
+
+def positive(name: str, value) -> Optional[str]:
+    if value is not None and not value > 0:
+        kind = "integer" if isinstance(value, int) else "number"
+        return f"{name}: must be a positive {kind}, got {value!r}"
+    return None
+
+
+def non_negative(name: str, value) -> Optional[str]:
+    if value is not None and not value >= 0:
+        kind = "integer" if isinstance(value, int) else "number"
+        return f"{name}: must be a non-negative {kind}, got {value!r}"
+    return None
+
+
+def one_of(choices) -> Callable:
+    choices = tuple(choices)
+
+    def check(name: str, value) -> Optional[str]:
+        if value not in choices:
+            return f"{name}: {value!r} is not one of {', '.join(map(str, choices))}"
+        return None
+    return check
+
+
+def at_most(bound: float, closed: str = "[") -> Callable:
+    def check(name: str, value) -> Optional[str]:
+        if value is not None and value > bound:
+            return f"{name}: must lie in {closed}0, {bound:g}], got {value!r}"
+        return None
+    return check
+
+
+def not_implemented(bad, why: str) -> Callable:
+    def check(name: str, value) -> Optional[str]:
+        if value == bad:
+            return f"{name} = {str(bad).lower()}: not implemented ({why})"
+        return None
+    return check
+
+
+def key(default, *checks: Callable):
+    """A config key: its default and its checks (``field`` metadata)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"checks": checks})
+    return field(default=default, metadata={"checks": checks})
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables
 
 
 @dataclass
@@ -71,108 +95,151 @@ class RunConfig:
     seed: int = 1234                     # official set_seed(1234)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     deterministic: bool = False          # torch.use_deterministic_algorithms + cudnn flags
-    threads: int = 0                     # CPU threads for torch (0 = torch's default)
+    threads: int = key(0, non_negative)  # CPU threads for torch (0 = torch's default)
     pretrain_model: str = ""             # initialise the model from this checkpoint/state_dict
     compare_baseline: bool = False       # also train the SimCLR baseline, print a comparison
-    log_every: int = 50                  # steps between host syncs (loss logging, NaN check)
-    ckpt_every: int = 25                 # epochs between checkpoints (and always at the end)
+    log_every: int = key(50, positive)   # steps between host syncs (loss logging, NaN check)
+    ckpt_every: int = key(25, positive)  # epochs between checkpoints (and always at the end)
     progress: bool = True                # tqdm progress bars
     tensorboard: bool = True             # write TensorBoard events when it is installed
     plot: bool = True                    # PNG of the curves at the end (matplotlib if installed)
 
+    def check(self, cfg: "Config") -> Optional[str]:
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            return f"run.device: {dev!r} is not auto, cpu, cuda or cuda:N"
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            return f"run.name: {self.name!r} must be a plain directory name"
+        return None
+
 
 @dataclass
 class DataConfig:
-    name: str = "stl10"                  # stl10 | cifar10 | cifar100 | imagefolder | synthetic
+    name: str = key("stl10", one_of(DATASETS))
     root: str = "data"
     split: str = "train+unlabeled"       # pretraining (and partition) split
     memory_split: str = "train"          # labelled split: kNN memory and linear-probe training
     test_split: str = "test"             # kNN queries and linear-probe test
     download: bool = False
-    crop_size: int = 32                  # RandomResizedCrop output size (official: 32)
-    crop_scale_min: float = 0.08         # RandomResizedCrop scale lower bound (official: 0.08)
-    pipeline: str = "auto"               # training views: auto (dali on a GPU when installed, else
-                                         # torch) | torch (batched on-device ops) | dali
+    crop_size: int = key(32, positive)   # RandomResizedCrop output size (official: 32)
+    crop_scale_min: float = key(0.08, positive, at_most(1.0, "("))  # its scale lower bound
+    pipeline: str = key("auto", one_of(PIPELINES))  # training views: auto (dali on a GPU when
+                                         # installed, else torch) | torch (batched ops) | dali
     # synthetic data only (0 or absent = the generator's default)
-    num_samples: int = 0                 # images of the pretraining split
-    eval_num_samples: int = 0            # images of every other split (e.g. test)
-    image_size: int = 0                  # image side in pixels
-    synthetic_seed: int = 0              # generator seed
-    label_factor: str = "shape"          # factor used as the label: shape | color | background
-    color_correlation: Optional[float] = None  # fraction of images with color = shape (spurious)
-    noise: Optional[float] = None        # pixel noise std
-    num_colors: int = 0                  # foreground colours in use
-    num_backgrounds: int = 0             # background colours in use
-    shading: Optional[float] = None      # maximum strength of the background shading
+    num_samples: int = key(0, non_negative)        # images of the pretraining split
+    eval_num_samples: int = key(0, non_negative)   # images of every other split (e.g. test)
+    image_size: int = key(0, non_negative)         # image side in pixels
+    synthetic_seed: int = key(0, non_negative)     # generator seed
+    label_factor: str = key("shape", one_of(DISCRETE_FACTORS))  # factor used as the label
+    color_correlation: Optional[float] = key(None, non_negative, at_most(1.0))  # share of images
+                                                   # whose color is tied to the shape (spurious)
+    noise: Optional[float] = key(None, non_negative)      # pixel noise std
+    num_colors: int = key(0, non_negative)                # foreground colours in use
+    num_backgrounds: int = key(0, non_negative)           # background colours in use
+    shading: Optional[float] = key(None, non_negative)    # strongest background shading
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"               # resnet50 | resnet18
-    feature_dim: int = 128               # official --feature_dim
-    width: int = 64                      # base channel width of the ResNet (official 64)
-    hidden_dim: int = 512                # projection head hidden width (official 512)
+    arch: str = key("resnet50", one_of(ARCHS))
+    feature_dim: int = key(128, positive)  # official --feature_dim
+    width: int = key(64, positive)       # base channel width of the ResNet (official 64)
+    hidden_dim: int = key(512, positive)  # projection head hidden width (official 512)
     channels_last: bool = True
     compile: bool = False                # torch.compile the model
-    bn_splits: int = 1                   # BN groups per view in training (2 = official 2 GPUs)
+    bn_splits: int = key(1, positive)    # BN groups per view in training (2 = official 2 GPUs)
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        if cfg.train.batch_size % self.bn_splits:
+            return (f"model.bn_splits: {self.bn_splits} does not divide train.batch_size "
+                    f"{cfg.train.batch_size}")
+        return None
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 400
-    batch_size: int = 256
-    lr: float = 1e-3                     # Adam, coupled L2 weight decay (official)
-    weight_decay: float = 1e-6
-    temperature: float = 0.5             # tau
-    irm_temperature: float = 0.5         # official --irm_temp
-    penalty_weight: float = 0.2          # lambda1
-    penalty_iters: int = 0               # lambda1 active from this epoch (>= 200: always)
+    epochs: int = key(400, positive)
+    batch_size: int = key(256, positive)
+    lr: float = key(1e-3, positive)      # Adam, coupled L2 weight decay (official)
+    weight_decay: float = key(1e-6, non_negative)
+    temperature: float = key(0.5, positive)  # tau of the contrastive loss
+    amp: str = key("bf16", one_of(AMP_MODES))  # bf16 | fp16 | none (always none on CPU)
+
+
+@dataclass
+class MethodConfig:
+    name: str = key("ipirm", one_of(METHODS))  # the training method (fastipirm.methods)
+
+
+@dataclass
+class IpirmConfig:
+    penalty_weight: float = key(0.2, non_negative)  # lambda1
+    penalty_iters: int = key(0, non_negative)  # lambda1 active from this epoch (>= 200: always)
+    irm_temperature: float = key(0.5, positive)  # official --irm_temp
     keep_cont: bool = True               # global NT-Xent term
-    baseline: bool = False               # plain SimCLR: no partitions, no penalty
-    penalty: str = "slot"                # slot (official) | scalar | split | scalar_split
-    backend: str = "auto"                # env_contrastive_loss backend: auto | torch | triton ...
-    amp: str = "bf16"                    # bf16 | fp16 | none (always none on CPU)
-    debiased: bool = False               # official DCL switch: only false is implemented
-    tau_plus: float = 0.1                # official DCL prior (unused while debiased = false)
-    ours_mode: str = "w"                 # official penalty mode: only "w"
-    increasing_weight: bool = False      # official flag that crashes: only false
+    debiased: bool = key(False, not_implemented(
+        True, "the DCL debiased estimator is not ported (IP-IRM runs never use it)"))
+    tau_plus: float = key(0.1, non_negative)  # official DCL prior (unused while debiased = false)
+    ours_mode: str = key("w", one_of(("w",)))  # official penalty mode: only "w"
+    increasing_weight: bool = key(False, not_implemented(
+        True, "the official flag calls a missing function and crashes"))
 
 
 @dataclass
 class PartitionConfig:
-    env_num: int = 2                     # K
-    maximize_iter: int = 50              # partition after every maximize_iter-th epoch
-    irm_weight_maxim: float = 0.5        # lambda2
+    env_num: int = key(2, positive)      # K
+    maximize_iter: int = key(50, positive)  # partition after every maximize_iter-th epoch
+    irm_weight_maxim: float = key(0.5, non_negative)  # lambda2
     random_init: bool = True             # fresh N(0,1) Theta every time (else warm start)
     constrain: bool = True
     constrain_relax: bool = True
     retain_group: bool = True            # keep all partitions (else only the latest)
-    retain_group_set: int = 0            # keep at most this many, FIFO (0 = unlimited)
-    offline: bool = True                 # offline maximisation on a fixed feature bank
+    retain_group_set: int = key(0, non_negative)  # keep at most this many, FIFO (0: unlimited)
+    offline: bool = key(True, not_implemented(
+        False, "online maximisation (auto_split) is not implemented; the STL runs use offline"))
     nonorm: bool = False
-    irm_mode: str = "v1"                 # only v1 (IRM gradient penalty)
-    lr: float = 0.5                      # Adam on Theta
-    milestones: list[int] = field(default_factory=lambda: [5, 35])
-    gamma: float = 0.2
-    batch_size: int = 3096               # feature batch of the Theta optimisation
-    extract_batch_size: int = 3096       # image batch of the feature extraction
-    min_epochs: int = 50                 # early stop allowed once epoch > min_epochs ...
-    patience: int = 5                    # ... and this many epochs without improvement
-    max_epochs: int = 60                 # stop at this epoch index (official 60: 61 epochs)
+    irm_mode: str = key("v1", one_of(("v1",)))  # only v1 (IRM gradient penalty)
+    lr: float = key(0.5, positive)       # Adam on Theta
+    milestones: list[int] = key([5, 35])
+    gamma: float = key(0.2, positive)
+    batch_size: int = key(3096, positive)  # feature batch of the Theta optimisation
+    extract_batch_size: int = key(3096, positive)  # image batch of the feature extraction
+    min_epochs: int = key(50, non_negative)  # early stop allowed once epoch > min_epochs ...
+    patience: int = key(5, positive)     # ... and this many epochs without improvement
+    max_epochs: int = key(60, non_negative)  # stop at this epoch index (official 60: 61 epochs)
     at_last_epoch: bool = False          # also partition after the final epoch (never used)
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        if self.env_num < 2:
+            return f"partition.env_num: needs at least 2 environments, got {self.env_num}"
+        if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            return (f"partition.milestones: must be non-negative and increasing, got "
+                    f"{self.milestones}")
+        return None
+
+
+@dataclass
+class OpConfig:
+    backend: str = key("auto", one_of(("auto", *BACKENDS)))  # the fused op's backend
+    penalty: str = key("slot", one_of(PENALTIES))  # IRM penalty variant: slot (official) | ...
+
+    @property
+    def backend_or_none(self) -> Optional[str]:
+        """``backend`` as the op takes it (None: choose automatically)."""
+        return None if self.backend == "auto" else self.backend
 
 
 @dataclass
 class EvalConfig:
-    knn_every: int = 25                  # epochs between kNN evaluations (0 = never)
-    k: int = 200                         # official --k (clamped to the memory size)
-    knn_temperature: Optional[float] = None  # None: train.temperature (official)
-    batch_size: int = 256                # feature-extraction batch
+    knn_every: int = key(25, non_negative)  # epochs between kNN evaluations (0 = never)
+    k: int = key(200, positive)          # official --k (clamped to the memory size)
+    knn_temperature: Optional[float] = key(None, positive)  # None: train.temperature (official)
+    batch_size: int = key(256, positive)  # feature-extraction batch
     linear_at_end: bool = False          # run the linear probe after training
-    linear_epochs: int = 100
-    linear_batch_size: int = 512
-    linear_lr: float = 1e-3
-    linear_weight_decay: float = 1e-6
+    linear_epochs: int = key(100, non_negative)
+    linear_batch_size: int = key(512, positive)
+    linear_lr: float = key(1e-3, positive)
+    linear_weight_decay: float = key(1e-6, non_negative)
     fixed_bn: bool = False               # encoder BN in eval mode (official: train mode)
     linear_augment: bool = True          # train the probe on SSL-augmented views (official)
     factors: bool = True                 # synthetic data: kNN + linear on every discrete factor
@@ -184,7 +251,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    ipirm: IpirmConfig = field(default_factory=IpirmConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    op: OpConfig = field(default_factory=OpConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -193,94 +263,66 @@ class Config:
     def copy(self) -> "Config":
         return copy.deepcopy(self)
 
+    @property
+    def knn_temperature(self) -> float:
+        """The kNN weight temperature: ``eval.knn_temperature``, else ``train.temperature``
+        (the official monitor uses the training temperature)."""
+        t = self.eval.knn_temperature
+        return self.train.temperature if t is None else t
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
-                    "train": TrainConfig, "partition": PartitionConfig, "eval": EvalConfig}
 
-_CHOICES = {
-    ("data", "name"): ("stl10", "cifar10", "cifar100", "imagefolder", "synthetic"),
-    ("data", "pipeline"): ("auto", "torch", "dali"),
-    ("data", "label_factor"): ("shape", "color", "background"),
-    ("model", "arch"): ("resnet18", "resnet50"),
-    ("train", "penalty"): ("slot", "scalar", "split", "scalar_split"),
-    ("train", "amp"): ("bf16", "fp16", "none"),
-    ("train", "ours_mode"): ("w",),
-    ("partition", "irm_mode"): ("v1",),
-}
-_NOT_IMPLEMENTED = {
-    ("train", "debiased", True): "the DCL debiased estimator is not ported (IP-IRM runs never "
-                                 "use it)",
-    ("train", "increasing_weight", True): "the official flag calls a missing function and "
-                                          "crashes",
-    ("partition", "offline", False): "online maximisation (auto_split) is not implemented; the "
-                                     "STL runs use offline",
-}
-_POSITIVE_INT = {("train", "epochs"), ("train", "batch_size"), ("partition", "env_num"),
-                 ("partition", "maximize_iter"), ("partition", "batch_size"),
-                 ("partition", "extract_batch_size"), ("partition", "patience"),
-                 ("eval", "k"), ("eval", "batch_size"), ("eval", "linear_batch_size"),
-                 ("model", "feature_dim"), ("model", "width"), ("model", "hidden_dim"),
-                 ("model", "bn_splits"),
-                 ("data", "crop_size"),
-                 ("run", "log_every"), ("run", "ckpt_every")}
-_NONNEG_INT = {("run", "threads"), ("train", "penalty_iters"), ("partition", "retain_group_set"),
-               ("partition", "min_epochs"), ("partition", "max_epochs"),
-               ("eval", "knn_every"), ("eval", "linear_epochs"), ("data", "num_samples"),
-               ("data", "eval_num_samples"), ("data", "image_size"), ("data", "synthetic_seed"),
-               ("data", "num_colors"), ("data", "num_backgrounds")}
-_POSITIVE_FLOAT = {("data", "crop_scale_min"), ("train", "lr"), ("train", "temperature"),
-                   ("train", "irm_temperature"),
-                   ("partition", "lr"), ("partition", "gamma"), ("eval", "linear_lr"),
-                   ("eval", "knn_temperature")}
-_NONNEG_FLOAT = {("data", "color_correlation"), ("data", "noise"), ("data", "shading"),
-                 ("train", "weight_decay"),
-                 ("train", "penalty_weight"), ("train", "tau_plus"),
-                 ("partition", "irm_weight_maxim"), ("eval", "linear_weight_decay")}
+SECTIONS = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+# keys that moved, and where to: an old config file gets an error naming the new place; an old
+# checkpoint's config is upgraded (upgrade_v1_dict)
+MOVED = {("train", k): ("ipirm", k) for k in (
+    "penalty_weight", "penalty_iters", "irm_temperature", "keep_cont", "debiased", "tau_plus",
+    "ours_mode", "increasing_weight")}
+MOVED.update({("train", "penalty"): ("op", "penalty"), ("train", "backend"): ("op", "backend")})
+BASELINE_MOVED = 'train.baseline: removed; choose the method with [method] name = "simclr" ' \
+                 '(or "ipirm")'
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and checking
 
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+def _coerce(name: str, value: Any, tp) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
+        return None if value is None else _coerce(name, value, args[0])
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list of {_type_name(item)}, got "
+            raise ValueError(f"{name}: expected a list of {_type_name(item)}, got "
                              f"{type(value).__name__} {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {type(value).__name__} "
+            raise ValueError(f"{name}: expected true or false, got {type(value).__name__} "
                              f"{value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(value):
-            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{name}: expected a string, got {type(value).__name__} {value!r}")
         return value
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")  # a bug in this module
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    raise TypeError(f"{name}: unsupported annotation {tp!r}")  # a bug in this module
 
 
 def from_dict(raw: dict, base: Optional[Config] = None) -> Config:
@@ -289,66 +331,57 @@ def from_dict(raw: dict, base: Optional[Config] = None) -> Config:
     if not isinstance(raw, dict):
         raise ValueError(f"config: expected a table, got {type(raw).__name__}")
     for section, table in raw.items():
-        if section not in _SECTION_CLASSES:
+        if section not in SECTIONS:
             raise ValueError(f"{section}: unknown section (expected one of "
-                             f"{', '.join(_SECTION_CLASSES)})")
+                             f"{', '.join(SECTIONS)})")
         if not isinstance(table, dict):
             raise ValueError(f"{section}: expected a table [{section}], got "
                              f"{type(table).__name__} {table!r}")
-        hints = _hints(_SECTION_CLASSES[section])
+        hints = typing.get_type_hints(SECTIONS[section])
         target = getattr(cfg, section)
-        for key, value in table.items():
-            name = f"{section}.{key}"
-            if key not in hints:
-                raise ValueError(f"{name}: unknown key")
-            setattr(target, key, _coerce(name, value, hints[key]))
+        for name, value in table.items():
+            if name not in hints:
+                if (section, name) == ("train", "baseline"):
+                    raise ValueError(BASELINE_MOVED)
+                if (section, name) in MOVED:
+                    new = ".".join(MOVED[section, name])
+                    raise ValueError(f"{section}.{name}: moved to {new} (the [{new.split('.')[0]}] "
+                                     "table)")
+                raise ValueError(f"{section}.{name}: unknown key")
+            setattr(target, name, _coerce(f"{section}.{name}", value, hints[name]))
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Range and choice checks; every message starts with the offending key."""
-    for section, cls in _SECTION_CLASSES.items():
-        obj = getattr(cfg, section)
-        for key, tp in _hints(cls).items():
-            _coerce(f"{section}.{key}", getattr(obj, key), tp)
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ValueError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
-    for (section, key, bad), why in _NOT_IMPLEMENTED.items():
-        if getattr(getattr(cfg, section), key) == bad:
-            raise ValueError(f"{section}.{key} = {str(bad).lower()}: not implemented ({why})")
-    for group, test, what in ((_POSITIVE_INT, lambda v: v > 0, "a positive integer"),
-                              (_NONNEG_INT, lambda v: v >= 0, "a non-negative integer"),
-                              (_POSITIVE_FLOAT, lambda v: v > 0, "a positive number"),
-                              (_NONNEG_FLOAT, lambda v: v >= 0, "a non-negative number")):
-        for section, key in group:
-            value = getattr(getattr(cfg, section), key)
-            if value is not None and not test(value):
-                raise ValueError(f"{section}.{key}: must be {what}, got {value!r}")
-    if cfg.data.crop_scale_min > 1:
-        raise ValueError(f"data.crop_scale_min: must lie in (0, 1], got {cfg.data.crop_scale_min}")
-    if (cfg.data.color_correlation or 0) > 1:
-        raise ValueError(f"data.color_correlation: must lie in [0, 1], got "
-                         f"{cfg.data.color_correlation}")
-    p = cfg.partition
-    if p.env_num < 2:
-        raise ValueError(f"partition.env_num: needs at least 2 environments, got {p.env_num}")
-    if any(m < 0 for m in p.milestones) or list(p.milestones) != sorted(p.milestones):
-        raise ValueError(f"partition.milestones: must be non-negative and increasing, got "
-                         f"{p.milestones}")
-    if cfg.train.batch_size % cfg.model.bn_splits:
-        raise ValueError(f"model.bn_splits: {cfg.model.bn_splits} does not divide "
-                         f"train.batch_size {cfg.train.batch_size}")
-    if cfg.train.baseline and not cfg.train.keep_cont:
-        raise ValueError("train.keep_cont: the SimCLR baseline (train.baseline = true) needs "
-                         "keep_cont = true (its loss is the global NT-Xent)")
-    dev = cfg.run.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ValueError(f"run.device: {dev!r} is not auto, cpu, cuda or cuda:N")
-    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
-        raise ValueError(f"run.name: {cfg.run.name!r} must be a plain directory name")
+    """Type, range and choice checks of every key, then the cross-key checks of each table;
+    every message starts with the offending key."""
+    for section, cls in SECTIONS.items():
+        table = getattr(cfg, section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            name = f"{section}.{f.name}"
+            value = _coerce(name, getattr(table, f.name), hints[f.name])
+            for check in f.metadata.get("checks", ()):
+                problem = check(name, value)
+                if problem:
+                    raise ValueError(problem)
+        problem = table.check(cfg) if hasattr(table, "check") else None
+        if problem:
+            raise ValueError(problem)
+
+
+def upgrade_v1_dict(raw: dict) -> dict:
+    """A config dict written before ``[method]``, ``[ipirm]`` and ``[op]`` existed (first
+    checkpoint format), in the current layout."""
+    raw = copy.deepcopy(raw)
+    train = raw.get("train", {})
+    baseline = train.pop("baseline", False)
+    raw.setdefault("method", {})["name"] = "simclr" if baseline else "ipirm"
+    for (old_section, name), (new_section, new_name) in MOVED.items():
+        if name in raw.get(old_section, {}):
+            raw.setdefault(new_section, {})[new_name] = raw[old_section].pop(name)
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -359,20 +392,20 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     path = path.strip()
     if path.count(".") != 1:
         raise ValueError(f"--set {item!r}: the key must be section.key, got {path!r}")
-    section, key = path.split(".")
+    section, name = path.split(".")
     text = text.strip()
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word: a string (data.name=cifar10)
-    return section, key, value
+    return section, name, value
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     raw: dict = {}
     for item in overrides or []:
-        section, key, value = parse_override(item)
-        raw.setdefault(section, {})[key] = value
+        section, name, value = parse_override(item)
+        raw.setdefault(section, {})[name] = value
     return from_dict(raw, base=cfg) if raw else cfg
 
 
@@ -411,14 +444,11 @@ def to_toml(cfg: Config) -> str:
     lines = ["# resolved fastipirm config (every key, defaults included)"]
     for section, table in cfg.to_dict().items():
         lines.append(f"\n[{section}]")
-        for key, value in table.items():
+        for name, value in table.items():
             if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
 def write_config(cfg: Config, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_toml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, to_toml(cfg))

@@ -30,7 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .objectives.ipirm import maximization_objective
+from .losses.ipirm import maximization_objective
+from .models import eval_mode
 
 
 @dataclass
@@ -65,11 +66,9 @@ def extract_views(model: torch.nn.Module, loader, augment, *, num_samples: int,
     running statistics, as the official code) and is put back in its previous mode afterwards.
     Returns float32 ``(N, D)`` tensors on ``device``.
     """
-    was_training = model.training
-    model.eval()
     z1 = z2 = None
     seen = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    try:
+    with eval_mode(model):
         for indices, images in loader:
             indices = indices.to(device)
             v1, v2 = augment(images.to(device), generator)
@@ -85,8 +84,6 @@ def extract_views(model: torch.nn.Module, loader, augment, *, num_samples: int,
             z1[indices] = p1.float()
             z2[indices] = p2.float()
             seen[indices] = True
-    finally:
-        model.train(was_training)
     if z1 is None or not bool(seen.all()):
         missing = num_samples - int(seen.sum())
         raise RuntimeError(f"feature extraction covered {num_samples - missing} of "

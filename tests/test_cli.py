@@ -40,3 +40,9 @@ def test_info_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "fastipirm", "info"], capture_output=True,
                          text=True, check=True).stdout
     assert f"torch {torch.__version__}" in out and "torch    available" in out
+
+
+def test_bench_points_to_the_repository_entry(capsys):
+    assert cli.main(["bench", "kernels", "--n", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m bench <name>" in err and len(err.strip().splitlines()) == 1

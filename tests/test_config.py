@@ -26,15 +26,15 @@ def test_shipped_configs_load():
 
 def test_stl_config_is_the_official_run():
     c = load_config(CONFIGS[0].parent / "stl.toml")
-    assert (c.train.penalty_weight, c.partition.irm_weight_maxim) == (0.2, 0.5)
+    assert (c.ipirm.penalty_weight, c.partition.irm_weight_maxim) == (0.2, 0.5)
     assert c.partition.maximize_iter == 50 and c.train.epochs == 400
     assert c.partition.random_init and c.partition.constrain and c.partition.constrain_relax
-    assert c.partition.offline and c.train.keep_cont and c.partition.retain_group
+    assert c.partition.offline and c.ipirm.keep_cont and c.partition.retain_group
     assert c.data.split == "train+unlabeled" and c.data.crop_size == 32
     assert (c.train.lr, c.train.weight_decay, c.train.batch_size) == (1e-3, 1e-6, 256)
     assert c.partition.milestones == [5, 35] and c.partition.batch_size == 3096
-    assert not c.train.baseline
-    assert load_config(CONFIGS[0].parent / "simclr_stl.toml").train.baseline
+    assert c.method.name == "ipirm" and c.op.penalty == "slot"
+    assert load_config(CONFIGS[0].parent / "simclr_stl.toml").method.name == "simclr"
 
 
 @pytest.mark.parametrize("text, key", [
@@ -43,7 +43,7 @@ def test_stl_config_is_the_official_run():
     ("[train]\nbatch_size = 3.5\n", "train.batch_size: expected an integer"),
     ("[train]\nbatch_size = true\n", "train.batch_size: expected an integer"),
     ("[train]\nlr = \"fast\"\n", "train.lr: expected a number"),
-    ("[train]\nkeep_cont = 1\n", "train.keep_cont: expected true or false"),
+    ("[ipirm]\nkeep_cont = 1\n", "ipirm.keep_cont: expected true or false"),
     ("[partition]\nmilestones = 5\n", "partition.milestones: expected a list"),
     ("[partition]\nmilestones = [5, 3.5]\n", "partition.milestones[1]: expected an integer"),
     ("[data]\nname = 3\n", "data.name: expected a string"),
@@ -52,7 +52,15 @@ def test_stl_config_is_the_official_run():
     ("[train]\nepochs = 0\n", "train.epochs: must be a positive integer"),
     ("[train]\ntemperature = -0.5\n", "train.temperature: must be a positive number"),
     ("[partition]\noffline = false\n", "partition.offline = false: not implemented"),
-    ("[train]\nbaseline = true\nkeep_cont = false\n", "train.keep_cont"),
+    ("[train]\nkeep_cont = false\n", "train.keep_cont: moved to ipirm.keep_cont"),
+    ("[train]\nbaseline = true\n", 'train.baseline: removed; choose the method with [method] name'),
+    ("[train]\nbackend = \"torch\"\n", "train.backend: moved to op.backend"),
+    ("[method]\nname = \"byol\"\n", "method.name: 'byol' is not one of simclr, ipirm"),
+    ("[op]\npenalty = \"vrex\"\n", "op.penalty: 'vrex' is not one of slot"),
+    ("[op]\nbackend = \"tpu\"\n", "op.backend: 'tpu' is not one of auto, torch"),
+    ("[model]\nbn_splits = 3\n", "model.bn_splits: 3 does not divide train.batch_size 256"),
+    ("[data]\ncrop_scale_min = 1.5\n", "data.crop_scale_min: must lie in (0, 1]"),
+    ("[partition]\nenv_num = 1\n", "partition.env_num: needs at least 2"),
     ("[run]\ndevice = \"tpu\"\n", "run.device"),
     ("train = 3\n", "train: expected a table"),
 ])
@@ -98,3 +106,36 @@ def test_resolved_config_round_trips(tmp_path):
     again = from_dict(tomllib.loads((tmp_path / "config.toml").read_text()))
     assert again == c
     assert from_dict(tomllib.loads(to_toml(Config()))) == Config()
+
+
+def test_knn_temperature_defaults_to_the_training_temperature():
+    c = apply_overrides(Config(), ["train.temperature=0.2"])
+    assert c.eval.knn_temperature is None and c.knn_temperature == 0.2
+    assert apply_overrides(c, ["eval.knn_temperature=0.1"]).knn_temperature == 0.1
+
+
+def test_choice_lists_come_from_their_modules():
+    """A name the owning module adds is valid in the config at once (no second list)."""
+    from fastipirm.data import DATASETS, PIPELINES
+    from fastipirm.methods import METHODS
+    from fastipirm.models import ARCHS
+    from fastipirm.ops import PENALTIES
+    for name in METHODS:
+        assert from_dict({"method": {"name": name}}).method.name == name
+    for name in PENALTIES:
+        assert from_dict({"op": {"penalty": name}}).op.penalty == name
+    for section, key, names in (("data", "name", DATASETS), ("data", "pipeline", PIPELINES),
+                                ("model", "arch", ARCHS)):
+        for name in names:
+            assert getattr(getattr(from_dict({section: {key: name}}), section), key) == name
+
+
+def test_first_format_config_is_upgraded():
+    from fastipirm.config import upgrade_v1_dict
+    old = Config().to_dict()
+    moved = {k: old["ipirm"].pop(k) for k in list(old["ipirm"])}
+    old["train"].update(moved, baseline=True, penalty="split", backend="torch")
+    del old["method"], old["ipirm"], old["op"]
+    c = from_dict(upgrade_v1_dict(old))
+    assert c.method.name == "simclr" and c.op.penalty == "split" and c.op.backend == "torch"
+    assert c.ipirm.penalty_weight == Config().ipirm.penalty_weight

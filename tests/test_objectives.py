@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastipirm.objectives import (balance_constraint, maximization_objective,
+from fastipirm.losses import (balance_constraint, maximization_objective,
                                   memberships_from_logits, minimization_loss,
                                   relaxed_entropy_threshold)
 from fastipirm.ops import env_contrastive_loss_reference as reference

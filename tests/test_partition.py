@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastipirm import partition as part
-from fastipirm.objectives.ipirm import maximization_objective
+from fastipirm.losses.ipirm import maximization_objective
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

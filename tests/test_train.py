@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastipirm import cli
+from fastipirm import cli, runtime
 from fastipirm import train as trainmod
+from fastipirm.checkpoint import atomic_save, load_checkpoint
 from fastipirm.config import load_config
+from fastipirm.methods import grouped_projection
+from fastipirm.methods import ipirm as ipirm_method
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,16 +107,18 @@ def test_full_tiny_run_through_the_cli(tmp_path, capsys):
     assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["linear"]["final_top1"] <= 100
     assert set(summary["factors"]) == {"shape", "color", "background"}
     assert summary["factors"]["color"]["num_classes"] == 8
-    ckpt = trainmod.load_checkpoint(run_dir / "checkpoint.pt")
-    assert ckpt["epoch"] == 4 and ckpt["partitions"].shape == (2, 96, 2)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ckpt["epoch"] == 4 and ckpt["method"]["partitions"].shape == (2, 96, 2)
     if importlib.util.find_spec("matplotlib") is not None:
         assert (run_dir / "curves.png").stat().st_size > 1000
     else:
         assert "matplotlib is not installed" in out
-    # the baseline ran with the same budget and no partitions; the table names both
+    # the baseline ran with the same budget, no environments and no partitions; the table
+    # names both
     base_rows = read_metrics(tmp_path / "runs" / "tiny_simclr")
-    assert len(base_rows) == 4 and all(float(r["loss_env"]) == 0 for r in base_rows)
-    assert all(int(r["partitions"]) == 0 for r in base_rows)
+    assert len(base_rows) == 4 and all(not r.get("loss_env") for r in base_rows)
+    assert all(not r.get("partitions") for r in base_rows)
+    assert load_checkpoint(tmp_path / "runs" / "tiny_simclr")["method"] == {}
     assert "IP-IRM" in out and "SimCLR" in out and "kNN top-1" in out
     assert "background" in out and "IP-IRM kNN" in out
     # linear probe of the checkpoint from the CLI
@@ -143,13 +148,14 @@ def test_kill_and_resume_is_exact(tmp_path):
     with pytest.raises(Killed):
         trainmod.train(cut, log=lambda *a: None, on_epoch_end=kill)
     ckpt_path = tmp_path / "runs" / "cut" / "checkpoint.pt"
-    assert trainmod.load_checkpoint(ckpt_path)["epoch"] == 1
+    assert load_checkpoint(ckpt_path)["epoch"] == 1
     assert cli.main(["train", "--resume", str(ckpt_path)]) == 0
 
-    a = trainmod.load_checkpoint(tmp_path / "runs" / "full")
-    b = trainmod.load_checkpoint(tmp_path / "runs" / "cut")
+    a = load_checkpoint(tmp_path / "runs" / "full")
+    b = load_checkpoint(tmp_path / "runs" / "cut")
     assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
-    assert a["partitions"].shape == (2, 96, 2) and torch.equal(a["partitions"], b["partitions"])
+    pa, pb = a["method"]["partitions"], b["method"]["partitions"]
+    assert pa.shape == (2, 96, 2) and torch.equal(pa, pb)
     for key in ("loss", "loss_global", "loss_env", "penalty", "knn_top1"):
         assert [h.get(key) for h in a["history"]] == [h.get(key) for h in b["history"]], key
     for k, v in a["model"].items():
@@ -178,13 +184,13 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    killed_at = trainmod.load_checkpoint(ckpt)["epoch"]
+    killed_at = load_checkpoint(ckpt)["epoch"]
     assert 1 <= killed_at < 5                      # killed before the end of the run
     assert cli.main(["train", "--resume", str(ckpt)]) == 0
 
-    a = trainmod.load_checkpoint(tmp_path / "runs" / "full")
-    b = trainmod.load_checkpoint(ckpt)
-    assert b["epoch"] == 5 and torch.equal(a["partitions"], b["partitions"])
+    a = load_checkpoint(tmp_path / "runs" / "full")
+    b = load_checkpoint(ckpt)
+    assert b["epoch"] == 5 and torch.equal(a["method"]["partitions"], b["method"]["partitions"])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -192,7 +198,7 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
 
 def test_one_loss_call_per_step_over_all_partitions(tmp_path, monkeypatch):
     """Every step makes one minimization_loss call with a (B, P*K) membership matrix."""
-    real = trainmod.minimization_loss
+    real = ipirm_method.minimization_loss
     shapes = []
 
     def spy(z1, z2, memberships, **kw):
@@ -200,7 +206,7 @@ def test_one_loss_call_per_step_over_all_partitions(tmp_path, monkeypatch):
         assert kw["keep_cont"] and kw["penalty_weight"] == 0.2
         return real(z1, z2, memberships, **kw)
 
-    monkeypatch.setattr(trainmod, "minimization_loss", spy)
+    monkeypatch.setattr(ipirm_method, "minimization_loss", spy)
     cfg = load_config(tiny_config(tmp_path), ["train.epochs=3", "eval.knn_every=0"])
     summary = trainmod.train(cfg, log=lambda *a: None)
     assert summary["steps"] == 9 and len(shapes) == 9          # 3 epochs x 3 steps
@@ -222,7 +228,7 @@ def test_grouped_projection_emulates_dataparallel_bn():
 
     x = torch.randn(8, 3) * 3 + 1
     net, ref = Net().train(), Net().train()
-    out = trainmod.grouped_projection(net, x, 2, net)
+    out = grouped_projection(net, x, 2, net)
     first, _ = ref(x[:4])
     ref2 = Net().train()
     second, _ = ref2(x[4:])
@@ -230,7 +236,7 @@ def test_grouped_projection_emulates_dataparallel_bn():
     assert torch.allclose(net.bn.running_mean, ref.bn.running_mean)
     assert torch.allclose(net.bn.running_var, ref.bn.running_var)
     assert net.bn.momentum == 0.1                       # restored
-    assert torch.equal(trainmod.grouped_projection(net, x, 1, net), net(x)[1])
+    assert torch.equal(grouped_projection(net, x, 1, net), net(x)[1])
 
 
 def test_tensorboard_scalars_when_available(tmp_path, monkeypatch):
@@ -264,7 +270,7 @@ def test_latest_partition_only_and_warm_start(tmp_path, monkeypatch):
     """retain_group = false keeps only the newest partition; random_init = false warm-starts
     the next search from (a copy of) the previous best Theta."""
     inits, bests = [], []
-    real = trainmod.part.optimize_partition
+    real = ipirm_method.part.optimize_partition
 
     def spy(z1, z2, init, **kw):
         inits.append(init.clone())
@@ -272,18 +278,19 @@ def test_latest_partition_only_and_warm_start(tmp_path, monkeypatch):
         bests.append(res.logits.clone())
         return res
 
-    monkeypatch.setattr(trainmod.part, "optimize_partition", spy)
+    monkeypatch.setattr(ipirm_method.part, "optimize_partition", spy)
     cfg = load_config(tiny_config(tmp_path), ["partition.retain_group=false",
                                               "partition.random_init=false",
                                               "eval.knn_every=0"])
     summary = trainmod.train(cfg, log=lambda *a: None)
-    ckpt = trainmod.load_checkpoint(tmp_path / "runs" / "tiny")
-    assert len(summary["partitions"]) == 2 and ckpt["partitions"].shape == (1, 96, 2)
+    ckpt = load_checkpoint(tmp_path / "runs" / "tiny")
+    state = ckpt["method"]
+    assert len(summary["partitions"]) == 2 and state["partitions"].shape == (1, 96, 2)
     assert len(inits) == 2
     assert torch.equal(inits[1], bests[0])            # warm start from the previous best
     assert not torch.equal(bests[1], bests[0])
-    assert torch.equal(ckpt["partitions"][0], bests[1])   # only the latest is retained
-    assert torch.equal(ckpt["last_theta"], bests[1])
+    assert torch.equal(state["partitions"][0], bests[1])   # only the latest is retained
+    assert torch.equal(state["last_theta"], bests[1])
 
 
 def test_resume_auto(tmp_path, capsys):
@@ -296,14 +303,14 @@ def test_resume_auto(tmp_path, capsys):
     assert cli.main(["train", "--config", str(cfg), "--resume", "auto", *sets]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "after epoch 1" in out and "epoch 2/2" in out
-    assert trainmod.load_checkpoint(tmp_path / "runs" / "tiny")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "runs" / "tiny")["epoch"] == 2
 
 
 def test_synthetic_options_reach_the_generator(tmp_path):
     cfg = load_config(tiny_config(tmp_path), ["data.num_colors=2", "data.num_backgrounds=1",
                                               "data.noise=0.0", "data.label_factor=color"])
-    train = trainmod.load_split(cfg, "train")
-    test = trainmod.load_split(cfg, "test")
+    train = runtime.load_split(cfg, "train")
+    test = runtime.load_split(cfg, "test")
     assert len(train.images) == 96 and len(test.images) == 64 and train.images.shape[1] == 16
     assert set(train.factors["color"].tolist()) <= {0, 1}
     assert set(train.factors["background"].tolist()) == {0}
@@ -364,10 +371,10 @@ def test_dali_pipeline_trains_and_resumes_exactly(tmp_path):
         trainmod.train(load_config(cfg_path, sets + ["run.name=cut"]), log=lambda *a: None,
                        on_epoch_end=kill)
     assert cli.main(["train", "--resume", str(tmp_path / "runs" / "cut")]) == 0
-    a = trainmod.load_checkpoint(tmp_path / "runs" / "full")
-    b = trainmod.load_checkpoint(tmp_path / "runs" / "cut")
+    a = load_checkpoint(tmp_path / "runs" / "full")
+    b = load_checkpoint(tmp_path / "runs" / "cut")
     assert b["config"]["data"]["pipeline"] == "dali" and b["epoch"] == 3
-    assert torch.equal(a["partitions"], b["partitions"])
+    assert torch.equal(a["method"]["partitions"], b["method"]["partitions"])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
 
 
@@ -390,7 +397,7 @@ def test_config_error_through_the_cli(tmp_path, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tmp_path)
-    real = trainmod.minimization_loss
+    real = ipirm_method.minimization_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -400,25 +407,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             total = total * float("nan")
         return total, parts
 
-    monkeypatch.setattr(trainmod, "minimization_loss", poisoned)
+    monkeypatch.setattr(ipirm_method, "minimization_loss", poisoned)
     run_dir = tmp_path / "runs" / "tiny"
     assert cli.main(["train", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "training stopped" in err and "nan" in err and "epoch 2" in err
     assert "checkpoint.pt (kept unchanged)" in err
-    ckpt = trainmod.load_checkpoint(run_dir / "checkpoint.pt")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
     # the good checkpoint resumes
-    monkeypatch.setattr(trainmod, "minimization_loss", real)
+    monkeypatch.setattr(ipirm_method, "minimization_loss", real)
     assert cli.main(["train", "--resume", str(run_dir), "--set", "train.epochs=2"]) == 0
-    assert trainmod.load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
 
 
 def test_atomic_save_never_loses_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    trainmod.atomic_save({"x": torch.ones(3)}, path)
+    atomic_save({"x": torch.ones(3)}, path)
     good = path.read_bytes()
 
     def broken_save(obj, fh):
@@ -427,7 +434,7 @@ def test_atomic_save_never_loses_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        trainmod.atomic_save({"x": torch.zeros(3)}, path)
+        atomic_save({"x": torch.zeros(3)}, path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
@@ -441,8 +448,7 @@ def test_unreadable_checkpoint_is_reported(tmp_path, capsys):
 
 
 def test_pipeline_auto_is_dali_only_on_a_gpu(monkeypatch):
-    from fastipirm.data import dali
-    from fastipirm.train import choose_pipeline
+    from fastipirm.data import choose_pipeline, dali
     assert choose_pipeline("auto", torch.device("cpu")) == "torch"
     assert choose_pipeline("dali", torch.device("cpu")) == "dali"
     monkeypatch.setattr(dali, "dali_available", lambda: (True, "x"))

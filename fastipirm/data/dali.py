@@ -44,6 +44,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..seeding import Stream, derive_seed
 from .augment import CIFAR10_MEAN, CIFAR10_STD
 from .loader import epoch_permutation
 
@@ -69,8 +70,7 @@ def _require_dali():
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The DALI pipeline seed of one epoch (a pure function of the run seed and the epoch)."""
-    state = np.random.SeedSequence([int(seed), int(epoch), 0xDA11]).generate_state(1)[0]
-    return int(state) & 0x7FFFFFFF
+    return derive_seed(seed, epoch, Stream.DALI) & 0x7FFFFFFF      # DALI takes a 31-bit seed
 
 
 def _augment_view(images, *, out_size, scale, ratio, flip_p, jitter, jitter_p, gray_p, blur_p,

@@ -1,7 +1,7 @@
 """Batches of (dataset index, uint8 images) from an in-memory :class:`ArrayDataset`, without workers.
 
-The order of an epoch is a pure function of (seed, epoch): ``torch.randperm`` under a generator
-seeded from ``SeedSequence([seed, epoch])``. A run resumed at an epoch boundary therefore sees
+The order of an epoch is a pure function of (seed, epoch): ``torch.randperm`` under the generator
+of the stream ``(seed, epoch)`` (:mod:`fastipirm.seeding`). A run resumed at an epoch boundary therefore sees
 exactly the batches the uninterrupted run would have seen. As in the official loaders
 (``shuffle=True, drop_last=True`` for training), the last incomplete batch is dropped when
 ``drop_last`` is set, so an epoch holds ``N // batch_size`` batches of the first
@@ -17,17 +17,15 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
+from ..seeding import derived_generator
 from .datasets import ArrayDataset
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of ``n`` indices for (seed, epoch); int64 on the CPU."""
-    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)[0]
-    generator = torch.Generator().manual_seed(int(state))
-    return torch.randperm(n, generator=generator)
+    return torch.randperm(n, generator=derived_generator(seed, epoch))
 
 
 class IndexedLoader:

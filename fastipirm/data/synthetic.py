@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..seeding import numpy_rng
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 COLORS = np.array([  # saturated foregrounds
     [0.90, 0.10, 0.10], [0.10, 0.80, 0.10], [0.15, 0.30, 0.95], [0.95, 0.90, 0.10],
@@ -93,7 +95,7 @@ def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int 
         raise ValueError("synthetic: color_correlation must lie in [0, 1], noise be >= 0 and shading in [0, 1)")
     if not (1 <= num_colors <= len(COLORS) and 1 <= num_backgrounds <= len(BACKGROUNDS)):
         raise ValueError(f"synthetic: num_colors must be 1..{len(COLORS)} and num_backgrounds 1..{len(BACKGROUNDS)}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream)]))
+    rng = numpy_rng(seed, stream)
     s = float(image_size)
     shape = rng.integers(0, len(SHAPES), n)
     color = rng.integers(0, num_colors, n)
@@ -113,7 +115,7 @@ def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int 
         "bg_strength": rng.uniform(0, shading, n).astype(np.float32),
     }
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), 1]))
+    noise_rng = numpy_rng(seed, stream, 1)
     for start in range(0, n, _CHUNK):
         sl = slice(start, min(n, start + _CHUNK))
         images[sl] = _render({k: v[sl] for k, v in factors.items()}, image_size, noise, noise_rng)

@@ -68,3 +68,16 @@ def convert_official_state_dict(state: dict) -> dict:
             raise KeyError(f"unexpected key {key!r} in an official checkpoint")
         out[key] = value
     return out
+
+
+def load_pretrained(model: SimCLRModel, path) -> None:
+    """Initialise ``model`` from a file: a fastipirm checkpoint (its ``model``), a state dict, or an
+    official IP-IRM/DCL checkpoint (``f.*``/``g.*`` keys, optionally ``module.``-prefixed)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("f.") for k in state):
+        state = convert_official_state_dict(state)
+    model.load_state_dict(state)

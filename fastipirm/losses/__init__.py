@@ -1,6 +1,7 @@
-"""Training objectives built on the fused ops."""
+"""The pure loss functions of the training methods, one module per method, all on the fused op."""
 from .ipirm import (balance_constraint, maximization_objective, memberships_from_logits,
                     minimization_loss, relaxed_entropy_threshold)
+from .simclr import nt_xent
 
-__all__ = ["minimization_loss", "maximization_objective", "balance_constraint",
+__all__ = ["nt_xent", "minimization_loss", "maximization_objective", "balance_constraint",
            "memberships_from_logits", "relaxed_entropy_threshold"]

@@ -1,0 +1,11 @@
+"""Evaluation of learnt features: frozen features, the weighted kNN monitor, linear probes, the
+generative-factor probes of synthetic data, and the evaluation a training run does."""
+from .factors import factor_datasets, factor_evaluation
+from .features import extract_features
+from .knn import knn_evaluate, knn_predict, topk_accuracy
+from .linear import linear_eval_checkpoint, linear_on_features, linear_probe
+from .suite import RunEvaluation
+
+__all__ = ["extract_features", "knn_predict", "topk_accuracy", "knn_evaluate",
+           "linear_on_features", "linear_probe", "linear_eval_checkpoint", "factor_datasets",
+           "factor_evaluation", "RunEvaluation"]

@@ -1,0 +1,71 @@
+"""The evaluation a training run does, configured by its ``[eval]`` table: the kNN monitor
+during training and, at the end, the linear probe and the generative-factor probes."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..data import eval_transform
+from .factors import factor_evaluation
+from .knn import knn_evaluate
+from .linear import linear_probe
+
+
+class RunEvaluation:
+    """The evaluations of a run on its labelled ``memory``/``test`` splits (both None: none).
+
+    ``autocast`` and ``device`` are the run's; ``augment`` its two-view augmentation (the linear
+    probe's training view when ``eval.linear_augment``).
+    """
+
+    def __init__(self, cfg, memory, test, *, device: torch.device, autocast: Callable,
+                 augment=None, log: Callable[[str], None] = print):
+        self.cfg, self.memory, self.test = cfg, memory, test
+        self.device, self.autocast, self.augment, self.log = device, autocast, augment, log
+        self.extract = dict(batch_size=cfg.eval.batch_size, device=device,
+                            transform=eval_transform, autocast=autocast,
+                            channels_last=cfg.model.channels_last)
+
+    def knn_due(self, epoch: int) -> bool:
+        ev = self.cfg.eval
+        return self.memory is not None and ev.knn_every > 0 and (
+            epoch % ev.knn_every == 0 or epoch == self.cfg.train.epochs)
+
+    def knn(self, forward) -> dict:
+        """``knn_top1``, ``knn_top5``, ``knn_seconds`` of the model (or its compiled form)."""
+        return knn_evaluate(forward, self.memory, self.test, k=self.cfg.eval.k,
+                            temperature=self.cfg.knn_temperature, **self.extract)
+
+    def final(self, model: torch.nn.Module) -> dict:
+        """The end-of-run probes: ``{"linear": ..., "factors": ...}`` (those configured)."""
+        ev, out = self.cfg.eval, {}
+        if self.memory is None:
+            return out
+        if ev.linear_at_end:
+            res = linear_probe(
+                model.encoder, self.memory, self.test, epochs=ev.linear_epochs,
+                batch_size=ev.linear_batch_size, lr=ev.linear_lr,
+                weight_decay=ev.linear_weight_decay, fixed_bn=ev.fixed_bn,
+                augment=self.augment.view if ev.linear_augment else None,
+                test_transform=eval_transform, device=self.device, seed=self.cfg.run.seed,
+                eval_batch_size=ev.batch_size, autocast=self.autocast,
+                channels_last=self.cfg.model.channels_last, progress=self.cfg.run.progress)
+            self.log(f"linear probe ({ev.linear_epochs} epochs, BN "
+                     f"{'eval' if ev.fixed_bn else 'train'} mode): final top-1 "
+                     f"{res['final_top1']:.2f}%, best {res['best_top1']:.2f}% (epoch "
+                     f"{res['best_epoch']})")
+            out["linear"] = res
+        if ev.factors and getattr(self.memory, "factors", None):
+            facs = factor_evaluation(
+                model, self.memory, self.test, k=ev.k, temperature=self.cfg.knn_temperature,
+                linear_epochs=ev.linear_epochs, linear_batch_size=ev.linear_batch_size,
+                linear_lr=ev.linear_lr, linear_weight_decay=ev.linear_weight_decay,
+                seed=self.cfg.run.seed, **self.extract)
+            self.log("generative factors (kNN / linear on frozen eval-mode features): " +
+                     ", ".join(f"{f} {r['knn_top1']:.1f}/{r['linear_top1']:.1f}%"
+                               for f, r in facs.items()))
+            out["factors"] = facs
+        return out
+
+

@@ -1,0 +1,160 @@
+"""IP-IRM (Wang et al., NeurIPS 2021): SimCLR plus an IRM penalty over every environment of every
+retained partition (minimisation), alternating with learning a new partition of the data set that
+maximises that penalty (maximisation). What the official code does is in
+``docs/official-ipirm.md``; deviations are in ``docs/deviations.md``.
+
+* Step (:meth:`IPIRM.step`): one forward per view, the batch's hard memberships in every
+  retained partition as one ``(B, P*K)`` matrix, and one :func:`minimization_loss` call over all
+  of them (plus the global NT-Xent column with ``ipirm.keep_cont``).
+* Penalty schedule: lambda1 (``ipirm.penalty_weight``) from epoch ``ipirm.penalty_iters`` on
+  (always when ``penalty_iters >= 200``, as the official code).
+* Partition schedule: a partition at epoch 0 (eval mode, untrained network) and after the
+  training of every ``partition.maximize_iter``-th epoch, before that epoch's evaluation; the
+  one after the final epoch, which the official code computes and never uses, only with
+  ``partition.at_last_epoch``. Each maximisation (:mod:`fastipirm.partition`) extracts one view
+  pair per image, optimises Theta from a generator derived from (seed, epoch) and joins the
+  retained ``(P, N, K)`` stack.
+* State: the retained partitions, the last best Theta (warm start when ``random_init`` is off)
+  and the log of every maximisation.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .. import partition as part
+from ..data import IndexedLoader
+from ..losses.ipirm import memberships_from_logits, minimization_loss
+from ..runtime import TrainingDiverged
+from ..seeding import Stream, derived_generator
+from .base import Method, MethodContext, TrainStep, project_views
+
+
+def scheduled_penalty_weight(cfg, epoch: int) -> float:
+    """lambda1 from epoch ``penalty_iters`` on (always if it is >= 200), else 0."""
+    ip = cfg.ipirm
+    return ip.penalty_weight if (epoch >= ip.penalty_iters or ip.penalty_iters >= 200) else 0.0
+
+
+class IPIRM(Method):
+    name = "ipirm"
+    label = "IP-IRM"
+    metric_names = ("loss_global", "loss_env", "penalty")
+    epoch_fields = ("penalty_weight", "partitions", "balance", "partition_seconds")
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        self.backend = cfg.op.backend_or_none
+        self.loss_options = dict(temperature=cfg.train.temperature,
+                                 irm_temperature=cfg.ipirm.irm_temperature,
+                                 keep_cont=cfg.ipirm.keep_cont, backend=self.backend,
+                                 penalty=cfg.op.penalty, check_values=False)
+        self.train_step = TrainStep(ctx, self.objective, backend=self.backend)
+        self.partitions: Optional[torch.Tensor] = None    # (P, N, K) retained partition logits
+        self.last_theta: Optional[torch.Tensor] = None    # the latest best Theta (warm start)
+        self.partition_log: list = []
+        self.penalty_weight = 0.0
+        self._extract_loader: Optional[IndexedLoader] = None
+
+    # -- the minimisation step ---------------------------------------------------------------
+    def objective(self, indices, view1, view2, partitions, penalty_weight):
+        z1, z2 = project_views(self.ctx, view1, view2)
+        memberships = None if partitions is None else memberships_from_logits(partitions, indices)
+        return minimization_loss(z1, z2, memberships, penalty_weight=penalty_weight,
+                                 **self.loss_options)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.penalty_weight = scheduled_penalty_weight(self.ctx.cfg, epoch)
+
+    def step(self, indices, view1, view2):
+        indices = indices.to(self.ctx.device, non_blocking=True)
+        return self.train_step(indices, view1, view2, self.partitions, self.penalty_weight)
+
+    # -- the maximisation step ---------------------------------------------------------------
+    def start(self) -> None:
+        self._new_partition(0)
+
+    def end_epoch(self, epoch: int, *, last: bool) -> dict:
+        pc = self.ctx.cfg.partition
+        seconds = 0.0
+        if epoch % pc.maximize_iter == 0 and (not last or pc.at_last_epoch):
+            seconds = self._new_partition(epoch)
+        return {"penalty_weight": self.penalty_weight,
+                "partitions": 0 if self.partitions is None else self.partitions.shape[0],
+                "balance": (min(self.partition_log[-1]["fractions"]) if self.partition_log
+                            else None),
+                "partition_seconds": seconds}
+
+    def _new_partition(self, epoch: int) -> float:
+        """Maximise, retain the new partition, log it; returns the seconds it took."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        pc, seed = cfg.partition, cfg.run.seed
+        start = time.perf_counter()
+        n = len(ctx.train_set.images)
+        if self._extract_loader is None:
+            self._extract_loader = IndexedLoader(ctx.train_set, pc.extract_batch_size, seed=seed,
+                                                 shuffle=False, drop_last=False, device=ctx.device)
+        z1, z2 = part.extract_views(ctx.forward, self._extract_loader, ctx.augment, num_samples=n,
+                                    device=ctx.device, generator=ctx.generator,
+                                    autocast=ctx.autocast, channels_last=cfg.model.channels_last)
+        init = part.initial_logits(n, pc.env_num, random_init=pc.random_init,
+                                   previous=self.last_theta,
+                                   generator=derived_generator(seed, Stream.THETA_INIT, epoch),
+                                   device=ctx.device)
+        bar = ctx.progress(pc.max_epochs + 1, f"partition @{epoch}")
+
+        def progress(e, j):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(J=f"{j:.4f}")
+
+        try:
+            result = part.optimize_partition(
+                z1, z2, init, temperature=cfg.train.temperature,
+                irm_temperature=cfg.ipirm.irm_temperature, irm_weight=pc.irm_weight_maxim,
+                constrain=pc.constrain, constrain_relax=pc.constrain_relax, nonorm=pc.nonorm,
+                lr=pc.lr, milestones=pc.milestones, gamma=pc.gamma, batch_size=pc.batch_size,
+                min_epochs=pc.min_epochs, patience=pc.patience, max_epochs=pc.max_epochs,
+                generator=derived_generator(seed, Stream.THETA_ORDER, epoch),
+                backend=self.backend, penalty=cfg.op.penalty, progress=progress)
+        except FloatingPointError as exc:
+            raise TrainingDiverged(f"partition step after epoch {epoch}: {exc}") from None
+        finally:
+            if bar is not None:
+                bar.close()
+        self.last_theta = result.logits
+        self.partitions = part.retain(self.partitions, result.logits,
+                                      retain_group=pc.retain_group,
+                                      retain_group_set=pc.retain_group_set)
+        seconds = time.perf_counter() - start
+        entry = {"epoch": epoch, "best_objective": result.best_objective,
+                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                 "fractions": result.fractions(), "seconds": seconds,
+                 "partitions": self.partitions.shape[0]}
+        self.partition_log.append(entry)
+        ctx.log(f"  partition after epoch {epoch}: J* {result.best_objective:.4f} (epoch "
+                f"{result.best_epoch} of {result.epochs_run}), env shares "
+                f"{', '.join(f'{f:.3f}' for f in entry['fractions'])}, {seconds:.1f}s")
+        return seconds
+
+    def describe(self, row: dict) -> str:
+        return (f"(global {row['loss_global']:.4f}, env {row['loss_env']:.4f}, penalty "
+                f"{row['penalty']:.4f} x {row['penalty_weight']:g})  P={row['partitions']}")
+
+    # -- checkpoint and summary --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"partitions": None if self.partitions is None else self.partitions.cpu(),
+                "last_theta": None if self.last_theta is None else self.last_theta.cpu(),
+                "partition_log": self.partition_log}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = self.ctx.device
+        self.partitions = None if state["partitions"] is None else state["partitions"].to(dev)
+        self.last_theta = None if state["last_theta"] is None else state["last_theta"].to(dev)
+        self.partition_log = list(state["partition_log"])
+
+    def summary(self) -> dict:
+        return {"partitions": self.partition_log}

@@ -1,0 +1,27 @@
+"""SimCLR (Chen et al., 2020): NT-Xent between two augmented views of every image.
+
+IP-IRM's baseline (the official ``main.py --baseline``): the same network, augmentation,
+optimiser and temperature, no partitions and no penalty.
+"""
+from __future__ import annotations
+
+from ..losses.simclr import nt_xent
+from .base import Method, MethodContext, TrainStep, project_views
+
+
+class SimCLR(Method):
+    name = "simclr"
+    label = "SimCLR"
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.backend = ctx.cfg.op.backend_or_none
+        self.train_step = TrainStep(ctx, self.objective, backend=self.backend)
+
+    def objective(self, view1, view2):
+        z1, z2 = project_views(self.ctx, view1, view2)
+        return nt_xent(z1, z2, temperature=self.ctx.cfg.train.temperature, backend=self.backend,
+                       check_values=False), {}
+
+    def step(self, indices, view1, view2):
+        return self.train_step(view1, view2)
