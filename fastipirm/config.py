@@ -8,7 +8,7 @@ A config has the tables ``[run]``, ``[data]``, ``[model]``, ``[train]``, ``[meth
 new place. ``--set section.key=value`` overrides a key after the file is read (the value is
 parsed as a TOML value; a bare word is taken as a string).
 
-The official flags of IP-IRM's ``main.py`` map to keys as ``docs/official-ipirm.md`` tabulates;
+The official flags of IP-IRM's ``main.py`` map to keys as ``docs/official-ipirm.md#flags`` tabulates;
 the defaults are the official STL-10 headline run (``configs/stl.toml`` spells them out), not the
 argparse defaults of ``main.py``. The lists of valid names (data sets, pipelines, architectures,
 methods, op backends and penalties, AMP modes) come from the modules that own them.
@@ -51,10 +51,11 @@ def non_negative(name: str, value) -> Optional[str]:
     return None
 
 
-def one_of(choices) -> Callable:
-    choices = tuple(choices)
-
+def one_of(*groups) -> Callable:
+    """The value is a name in one of ``groups`` (tuples or registries, read at check time, so a
+    name registered later is accepted)."""
     def check(name: str, value) -> Optional[str]:
+        choices = [c for group in groups for c in group]
         if value not in choices:
             return f"{name}: {value!r} is not one of {', '.join(map(str, choices))}"
         return None
@@ -220,7 +221,7 @@ class PartitionConfig:
 
 @dataclass
 class OpConfig:
-    backend: str = key("auto", one_of(("auto", *BACKENDS)))  # the fused op's backend
+    backend: str = key("auto", one_of(("auto",), BACKENDS))  # the fused op's backend
     penalty: str = key("slot", one_of(PENALTIES))  # IRM penalty variant: slot (official) | ...
 
     @property

@@ -1,4 +1,5 @@
-"""The offline maximisation step of IP-IRM (spec section 7, official ``auto_split_offline``).
+"""The offline maximisation step of IP-IRM (official ``auto_split_offline``, see
+``docs/official-ipirm.md#offline``).
 
 1. :func:`extract_views`: the model in eval mode, under ``no_grad``, gives the normalised
    projections ``z1, z2`` (N, D) of ONE augmented view pair per dataset image, in dataset order.
@@ -14,8 +15,8 @@
 Initialisation: ``random_init`` draws a fresh Theta ~ N(0, 1) every call (all official scripts).
 Without it Theta warm-starts from a *copy* of the previous best Theta. The official code instead
 optimises the very tensor it has just appended to the retained list, so the last retained
-partition is silently overwritten with the next search's final (not best) Theta (spec section 13,
-bug 4); fastipirm does not reproduce that aliasing (no official script is affected).
+partition is silently overwritten with the next search's final (not best) Theta (``docs/official-ipirm.md#bug-4``); fastipirm does not reproduce that aliasing (no official script is
+affected; ``docs/deviations.md#warm-start``).
 
 Every count (epochs, milestones, patience, batch sizes) comes from the config so tests and the
 quickstart can run the procedure small.
@@ -157,7 +158,7 @@ def initial_logits(num_samples: int, num_envs: int, *, random_init: bool,
     """Theta's starting point: N(0, 1) (random_init or first call) or a copy of ``previous``."""
     if random_init or previous is None:
         return torch.randn(num_samples, num_envs, generator=generator).to(device)
-    return previous.detach().clone().to(device)      # a copy: no official aliasing (bug 4)
+    return previous.detach().clone().to(device)      # a copy: no official aliasing
 
 
 def retain(retained: Optional[torch.Tensor], new: torch.Tensor, *, retain_group: bool,

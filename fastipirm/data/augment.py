@@ -1,4 +1,5 @@
-"""The official SimCLR two-view augmentation (spec section 2) as batched torch ops.
+"""The official SimCLR two-view augmentation as batched torch ops
+(``docs/official-ipirm.md#augmentation``).
 
 Official ``train_transform`` (DCL / IP-IRM), applied independently to each view of each image::
 

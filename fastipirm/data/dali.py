@@ -4,7 +4,8 @@
 (partitions are keyed by them) and two independently augmented views, normalised, in NCHW shape
 with channels-last memory (DALI writes HWC), in float32, float16 or bfloat16.
 
-Recipe (``utils.train_transform`` of the official code, spec section 2), per view and sample:
+Recipe (``utils.train_transform`` of the official code, ``docs/official-ipirm.md#augmentation``),
+per view and sample:
 RandomResizedCrop to ``out_size`` (scale (0.08, 1), ratio (3/4, 4/3), bilinear, 10 attempts),
 horizontal flip p=0.5, colour jitter (brightness/contrast/saturation 0.4, hue 0.1) with p=0.8,
 grayscale p=0.2, 3x3 Gaussian blur with sigma ~ U[0.1, 2) and p=0.5, normalise (CIFAR-10 mean/std).

@@ -6,7 +6,7 @@
   augmentation (one view at ``crop_size``); the test split is evaluated at native resolution
   after every epoch. Officially the encoder's BN layers stay in *train* mode while the probe
   trains, so they normalise with batch statistics and their running statistics drift to the
-  probe's data (``docs/official-ipirm.md``, known bugs); ``fixed_bn=True`` runs the encoder in
+  probe's data (``docs/official-ipirm.md#bug-2``); ``fixed_bn=True`` runs the encoder in
   eval mode instead. The probe works on a deep copy of the encoder, so the caller's model is
   never changed. Reports the final and the best test top-1 (the official log has both). On one
   device the train-mode BN normalises over the whole batch of 512 (the official DataParallel run

@@ -1,11 +1,12 @@
 """The two IP-IRM objectives, built on one call of :func:`fastipirm.ops.env_contrastive_loss`.
 
-* :func:`minimization_loss`: the encoder's loss of the official ``train_env`` (spec section 6.2):
+* :func:`minimization_loss`: the encoder's loss of the official ``train_env``
+  (``docs/official-ipirm.md#minimisation``):
   ``L_glob (if keep_cont) + mean_{p,k} L_{p,k} + lambda1 * mean_{p,k} R_{p,k}``, divided by
   ``lambda1`` when ``lambda1 > 1``. All retained partitions and environments are the columns of
   one hard membership matrix; the global NT-Xent is one more all-ones column of the same call.
 * :func:`maximization_objective`: the partition's objective of ``auto_split_offline``
-  (spec section 7), *minimised* over the partition logits:
+  (``docs/official-ipirm.md#offline``), *minimised* over the partition logits:
   ``-mean_k (L^soft_k + lambda2 * R^soft_k) + C(q)`` with the balance constraint ``C``.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ def relaxed_entropy_threshold(num_envs: int) -> float:
     """Entropy threshold of ``constrain_relax`` for K environments.
 
     K = 2: the official constant 0.6365 (= H(1/3, 2/3)). K > 2 (the official constant only fits
-    K = 2): the entropy of a 2:1:...:1 split, ``H([2, 1, ..., 1] / (K + 1))``, as the qwer1304 fork
-    generalises it. This is a documented extension, not official behaviour.
+    K = 2): the entropy of a 2:1:...:1 split, ``H([2, 1, ..., 1] / (K + 1))``, as a public fork
+    generalises it: an extension, not official behaviour (``docs/deviations.md#relaxed-threshold``).
     """
     if num_envs < 2:
         raise ValueError(f"the balance constraint needs at least 2 environments, got {num_envs}")
@@ -134,7 +135,8 @@ def maximization_objective(z1: torch.Tensor, z2: torch.Tensor, logits: torch.Ten
     ``logits`` are the batch's rows of the partition logits Theta, shape ``(B, K)``; ``z1``,
     ``z2`` the fixed normalised projections of the batch's two views. Returns ``J`` and parts
     ``loss`` (mean_k L^soft_k), ``penalty`` (mean_k R^soft_k) and ``constraint`` (detached).
-    J is expected to be negative: it is the negated adversarial objective (IP-IRM issue #3).
+    J is expected to be negative: it is the negated adversarial objective (official
+    GitHub issue #3, ``docs/official-ipirm.md#official-issues``).
     """
     if logits.dim() != 2 or logits.shape[0] != z1.shape[0]:
         raise ValueError(f"logits must be (B={z1.shape[0]}, K), got {tuple(logits.shape)}")

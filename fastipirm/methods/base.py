@@ -96,7 +96,8 @@ class Method(ABC):
 
 def grouped_projection(forward: Callable, x: torch.Tensor, splits: int,
                        model: torch.nn.Module) -> torch.Tensor:
-    """Projections of a batch whose BN sees ``splits`` equal groups, as ``nn.DataParallel``.
+    """Projections of a batch whose BN sees ``splits`` equal groups, as ``nn.DataParallel``
+    (``docs/deviations.md#bn-splits``).
 
     The official run splits every view over 2 GPUs, so train-mode BN normalises each half with
     its own statistics, and only replica 0 (the first group) updates the running statistics.

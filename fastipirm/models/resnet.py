@@ -1,4 +1,5 @@
-"""ResNet-18 / ResNet-50 encoders with the small-image stem of the official IP-IRM model (spec section 1).
+"""ResNet-18 / ResNet-50 encoders with the small-image stem of the official IP-IRM model
+(``docs/official-ipirm.md#model``).
 
 Architecture and initialisation follow torchvision's ``resnet18()`` / ``resnet50()`` (ResNet v1.5:
 the stride of a bottleneck sits on its 3x3 conv; projection shortcuts are 1x1 conv + BN;

@@ -1,4 +1,5 @@
-"""The official SimCLR/IP-IRM network (``model.py`` of DCL and IP-IRM; spec section 1).
+"""The official SimCLR/IP-IRM network (``model.py`` of DCL and IP-IRM;
+``docs/official-ipirm.md#model``).
 
     h = encoder(x)                                   # ResNet, global-average-pooled, unnormalised
     g(h) = Linear(d -> 512, bias=False) -> BatchNorm1d(512) -> ReLU -> Linear(512 -> feature_dim)
