@@ -8,10 +8,10 @@ A config has the tables ``[run]``, ``[data]``, ``[model]``, ``[train]``, ``[meth
 new place. ``--set section.key=value`` overrides a key after the file is read (the value is
 parsed as a TOML value; a bare word is taken as a string).
 
-The official flags of IP-IRM's ``main.py`` map to keys as ``docs/official-ipirm.md#flags`` tabulates;
-the defaults are the official STL-10 headline run (``configs/stl.toml`` spells them out), not the
-argparse defaults of ``main.py``. The lists of valid names (data sets, pipelines, architectures,
-methods, op backends and penalties, AMP modes) come from the modules that own them.
+The official flags of IP-IRM's ``main.py`` map to keys as ``docs/official-ipirm.md#flags``
+tabulates; the defaults are the official STL-10 headline run (``configs/stl.toml`` spells them out),
+not the argparse defaults of ``main.py``. The lists of valid names (data sets, pipelines,
+architectures, methods, op backends and penalties, AMP modes) come from the modules that own them.
 """
 from __future__ import annotations
 

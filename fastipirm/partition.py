@@ -14,9 +14,10 @@
 
 Initialisation: ``random_init`` draws a fresh Theta ~ N(0, 1) every call (all official scripts).
 Without it Theta warm-starts from a *copy* of the previous best Theta. The official code instead
-optimises the very tensor it has just appended to the retained list, so the last retained
-partition is silently overwritten with the next search's final (not best) Theta (``docs/official-ipirm.md#bug-4``); fastipirm does not reproduce that aliasing (no official script is
-affected; ``docs/deviations.md#warm-start``).
+optimises the very tensor it has just appended to the retained list, so the last retained partition
+is silently overwritten with the next search's final (not best) Theta
+(``docs/official-ipirm.md#bug-4``); fastipirm does not reproduce that aliasing (no official script
+is affected; ``docs/deviations.md#warm-start``).
 
 Every count (epochs, milestones, patience, batch sizes) comes from the config so tests and the
 quickstart can run the procedure small.

@@ -1,4 +1,5 @@
-"""Batched two-view augmentation against the official per-image semantics (statistical checks use fixed seeds)."""
+"""Batched two-view augmentation against the official per-image semantics (statistical checks use
+fixed seeds)."""
 import colorsys
 import math
 import random
@@ -74,15 +75,19 @@ def torchvision_crop_params(height, width, scale, ratio, rng):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-@pytest.mark.parametrize("height,width,scale", [(96, 96, (0.08, 1.0)), (32, 32, (0.08, 1.0)), (20, 60, (0.3, 1.0))])
+@pytest.mark.parametrize("height,width,scale", [(96, 96, (0.08, 1.0)), (32, 32, (0.08, 1.0)),
+                                                (20, 60, (0.3, 1.0))])
 def test_crop_boxes_match_torchvision_distribution(height, width, scale):
     n, ratio = 4000, (3 / 4, 4 / 3)
     top, left, h, w = sample_crop_boxes(n, height, width, scale, ratio, generator=gen(3))
-    assert ((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width) & (h > 0) & (w > 0)).all()
+    assert ((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width)
+            & (h > 0) & (w > 0)).all()
     rng = random.Random(3)
-    ref = np.array([torchvision_crop_params(height, width, scale, ratio, rng) for _ in range(n)], dtype=float)
+    ref = np.array([torchvision_crop_params(height, width, scale, ratio, rng) for _ in range(n)],
+                   dtype=float)
     ours = torch.stack([top, left, h, w], 1).double().numpy()
-    area_ours, area_ref = ours[:, 2] * ours[:, 3] / (height * width), ref[:, 2] * ref[:, 3] / (height * width)
+    area_ours, area_ref = (ours[:, 2] * ours[:, 3] / (height * width),
+                           ref[:, 2] * ref[:, 3] / (height * width))
     assert abs(area_ours.mean() - area_ref.mean()) < 0.02
     assert abs(np.median(area_ours) - np.median(area_ref)) < 0.03
     aspect_ours, aspect_ref = ours[:, 3] / ours[:, 2], ref[:, 3] / ref[:, 2]
@@ -92,7 +97,8 @@ def test_crop_boxes_match_torchvision_distribution(height, width, scale):
 
 
 def test_crop_fallback_is_central_ratio_clamped_crop():
-    # 8x64 with area >= 50%: no try can fit, so every sample takes the fallback (h=8, w=round(8*4/3)=11)
+    # 8x64 with area >= 50%: no try can fit, so every sample takes the fallback
+    # (h=8, w=round(8*4/3)=11)
     top, left, h, w = sample_crop_boxes(50, 8, 64, (0.5, 1.0), (3 / 4, 4 / 3), generator=gen())
     assert (h == 8).all() and (w == 11).all() and (top == 0).all() and (left == 26).all()
 
@@ -131,11 +137,13 @@ def colourful(n, size=8, seed=0):
 def test_grayscale_rate():
     aug = TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), **{**OFF, "gray_p": 0.2})
     out = denorm(aug.view(colourful(1000), gen(6)))
-    gray = ((out[:, 0] - out[:, 1]).abs().amax((1, 2)) < 1e-5) & ((out[:, 1] - out[:, 2]).abs().amax((1, 2)) < 1e-5)
+    gray = (((out[:, 0] - out[:, 1]).abs().amax((1, 2)) < 1e-5)
+            & ((out[:, 1] - out[:, 2]).abs().amax((1, 2)) < 1e-5))
     assert abs(gray.float().mean().item() - 0.2) < 0.05
     x = colourful(1).permute(0, 3, 1, 2).float() / 255
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    g_out = denorm(TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), **{**OFF, "gray_p": 1.0})
+    g_out = denorm(TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                  **{**OFF, "gray_p": 1.0})
                    .view(colourful(1), gen()))
     torch.testing.assert_close(g_out[:, 1], luma, atol=1e-5, rtol=0)
 
@@ -143,17 +151,20 @@ def test_grayscale_rate():
 def test_jitter_and_blur_rates():
     images = colourful(1000, seed=1)
     base = TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), **OFF).view(images, gen())
-    jit = TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), **{**OFF, "jitter_p": 0.8}).view(images, gen(7))
+    jit = TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                         **{**OFF, "jitter_p": 0.8}).view(images, gen(7))
     changed = (jit - base).abs().amax((1, 2, 3)) > 1e-4
     assert abs(changed.float().mean().item() - 0.8) < 0.05
-    blur = TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), **{**OFF, "blur_p": 0.5}).view(images, gen(8))
+    blur = TwoViewAugment(out_size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                          **{**OFF, "blur_p": 0.5}).view(images, gen(8))
     changed = (blur - base).abs().amax((1, 2, 3)) > 1e-4
     assert abs(changed.float().mean().item() - 0.5) < 0.06
 
 
 def test_crops_happen():
     images = colourful(400, size=32, seed=2)
-    full = TwoViewAugment(out_size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), **OFF).view(images, gen())
+    full = TwoViewAugment(out_size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                          **OFF).view(images, gen())
     crop = TwoViewAugment(out_size=32, **OFF).view(images, gen(9))
     changed = (crop - full).abs().amax((1, 2, 3)) > 1e-4
     assert changed.float().mean().item() > 0.95   # a 32x32 full-image crop of a 32x32 image is rare
@@ -166,7 +177,8 @@ def test_blur_matches_cv2_kernel():
     torch.testing.assert_close(out[1], x[1])
     k = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * 0.7 ** 2))
     k /= k.sum()
-    xp = np.pad(x[0].numpy(), ((0, 0), (1, 1), (1, 1)), mode="reflect")   # reflect-101 = cv2 default border
+    # reflect-101 = cv2 default border
+    xp = np.pad(x[0].numpy(), ((0, 0), (1, 1), (1, 1)), mode="reflect")
     ref = sum(k[i] * k[j] * xp[:, i:i + 6, j:j + 7] for i in range(3) for j in range(3))
     np.testing.assert_allclose(out[0].numpy(), ref, atol=1e-6)
 

@@ -21,7 +21,8 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
         loss, pen = env_contrastive_loss_torch(*args, **kw)
         return loss * 1.001, pen
 
-    monkeypatch.setitem(backends.BACKENDS, "wrong", backends.Backend("wrong", ("cpu",), lambda: wrong))
+    monkeypatch.setitem(backends.BACKENDS, "wrong",
+                        backends.Backend("wrong", ("cpu",), lambda: wrong))
     assert cli.main(["check", "--quick", "--backend", "wrong"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out
@@ -31,7 +32,8 @@ def test_check_fails_on_a_crashing_backend(monkeypatch, capsys):
     def crash(*args, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(backends.BACKENDS, "crash", backends.Backend("crash", ("cpu",), lambda: crash))
+    monkeypatch.setitem(backends.BACKENDS, "crash",
+                        backends.Backend("crash", ("cpu",), lambda: crash))
     assert cli.main(["check", "--quick", "--backend", "crash"]) == 1
     assert "boom" in capsys.readouterr().out
 

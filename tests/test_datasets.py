@@ -1,4 +1,5 @@
-"""Data sets in their published on-disk formats (written small into tmp dirs), the synthetic set and the loader."""
+"""Data sets in their published on-disk formats (written small into tmp dirs), the synthetic set and
+the loader."""
 import hashlib
 import pickle
 import tarfile
@@ -26,7 +27,8 @@ def write_stl(root, n_train=6, n_test=4, n_unlab=5):
     folder = root / "stl10_binary"
     folder.mkdir(parents=True)
     data = {}
-    for name, n, labelled in (("train", n_train, True), ("test", n_test, True), ("unlabeled", n_unlab, False)):
+    for name, n, labelled in (("train", n_train, True), ("test", n_test, True),
+                              ("unlabeled", n_unlab, False)):
         images = RNG.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
         (folder / f"{name}_X.bin").write_bytes(stl_bytes(images))
         labels = RNG.integers(1, 11, n).astype(np.uint8) if labelled else None
@@ -93,7 +95,8 @@ def test_stl10_download_checks_md5(tmp_path, monkeypatch):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / "stl10_binary", arcname="stl10_binary")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    files = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (src / "stl10_binary").iterdir()}
+    files = {p.name: hashlib.md5(p.read_bytes()).hexdigest()
+             for p in (src / "stl10_binary").iterdir()}
     monkeypatch.setattr(stl_mod, "URL", archive.as_uri())
     monkeypatch.setattr(stl_mod, "FILE_MD5", files)
 
@@ -115,12 +118,14 @@ def test_stl10_download_checks_md5(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- CIFAR
 def cifar_pickle(images_hwc, labels, label_key, protocol=2, py2_numpy_names=False) -> bytes:
     batch = {"batch_label": "testing batch", label_key: [int(v) for v in labels],
-             "data": np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2)).reshape(len(labels), 3072),
+             "data": (np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2))
+                      .reshape(len(labels), 3072)),
              "filenames": [f"img_{i}.png" for i in range(len(labels))]}
     if label_key == "fine_labels":
         batch["coarse_labels"] = [int(v) // 5 for v in labels]
     blob = pickle.dumps(batch, protocol=protocol)
-    if py2_numpy_names:  # protocol-2 GLOBAL opcodes name the module as text: emulate NumPy 1.x pickles
+    # protocol-2 GLOBAL opcodes name the module as text: emulate NumPy 1.x pickles
+    if py2_numpy_names:
         blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
     return blob
 
@@ -129,15 +134,19 @@ def test_cifar10_and_cifar100(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     expected = {}
-    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]):
+    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                              "data_batch_5", "test_batch"]):
         images = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
         labels = RNG.integers(0, 10, 3)
-        (folder / name).write_bytes(cifar_pickle(images, labels, "labels", py2_numpy_names=i % 2 == 0))
+        (folder / name).write_bytes(cifar_pickle(images, labels, "labels",
+                                                 py2_numpy_names=i % 2 == 0))
         expected[name] = (images, labels)
     train = load_dataset("cifar10", "train", root=str(tmp_path))
     assert train.images.shape == (15, 32, 32, 3) and train.num_classes == 10
     np.testing.assert_array_equal(train.images[3:6], expected["data_batch_2"][0])
-    np.testing.assert_array_equal(train.labels, np.concatenate([expected[f"data_batch_{k}"][1] for k in range(1, 6)]))
+    np.testing.assert_array_equal(train.labels,
+                                  np.concatenate([expected[f"data_batch_{k}"][1]
+                                                  for k in range(1, 6)]))
     test = load_dataset("cifar10", "test", root=str(tmp_path))
     np.testing.assert_array_equal(test.images, expected["test_batch"][0])
 
@@ -158,7 +167,8 @@ def test_cifar_missing_and_corrupt(tmp_path):
     folder.mkdir()
     blob = cifar_pickle(RNG.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), [1, 2], "fine_labels")
     (folder / "test").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match=r"cifar-100-python/test: not a readable CIFAR python pickle"):
+    with pytest.raises(ValueError,
+                       match=r"cifar-100-python/test: not a readable CIFAR python pickle"):
         load_dataset("cifar100", "test", root=str(tmp_path))
 
     class Evil:
@@ -167,10 +177,12 @@ def test_cifar_missing_and_corrupt(tmp_path):
     (folder / "test").write_bytes(pickle.dumps({"data": Evil(), "fine_labels": []}))
     with pytest.raises(ValueError, match="refusing to load global builtins.print"):
         load_dataset("cifar100", "test", root=str(tmp_path))
-    (folder / "test").write_bytes(pickle.dumps({"data": np.zeros((2, 100), np.uint8), "fine_labels": [1, 2]}))
+    (folder / "test").write_bytes(pickle.dumps({"data": np.zeros((2, 100), np.uint8),
+                                                "fine_labels": [1, 2]}))
     with pytest.raises(ValueError, match=r"'data' must be uint8 of shape \(n, 3072\)"):
         load_dataset("cifar100", "test", root=str(tmp_path))
-    (folder / "test").write_bytes(cifar_pickle(np.zeros((2, 32, 32, 3), np.uint8), [1, 100], "fine_labels"))
+    (folder / "test").write_bytes(cifar_pickle(np.zeros((2, 32, 32, 3), np.uint8), [1, 100],
+                                               "fine_labels"))
     with pytest.raises(ValueError, match=r"labels must be 0\.\.99"):
         load_dataset("cifar100", "test", root=str(tmp_path))
     assert cifar_mod.SPECS["cifar100"]["label_key"] == "fine_labels"
@@ -231,7 +243,8 @@ def test_synthetic_options():
     ds = load_dataset("synthetic", "val", n=2000, label_factor="color", color_correlation=1.0)
     assert ds.num_classes == 8
     np.testing.assert_array_equal(ds.labels, ds.factors["shape"] % 8)
-    few = load_dataset("synthetic", "train", n=500, num_colors=3, num_backgrounds=1, label_factor="color")
+    few = load_dataset("synthetic", "train", n=500, num_colors=3, num_backgrounds=1,
+                       label_factor="color")
     assert few.num_classes == 3 and set(few.labels.tolist()) == {0, 1, 2}
     assert (few.factors["background"] == 0).all()
     with pytest.raises(ValueError, match="num_colors"):

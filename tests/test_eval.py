@@ -112,7 +112,10 @@ class SharedLog(ModeRecorder):
 def test_linear_probe_bn_modes():
     """Official: BN in train mode while the probe trains, eval mode for the test; fixed_bn: eval."""
     train, test = colour_dataset(64, 5), colour_dataset(32, 6)
-    aug = lambda images, gen: to_float(images)
+
+    def aug(images, gen):
+        return to_float(images)
+
     SharedLog.log = []
     ev.linear_probe(SharedLog(), train, test, epochs=2, batch_size=32, fixed_bn=False,
                     augment=aug, test_transform=to_float, device=torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""Small-stem ResNets and the SimCLR model: parameter counts, outputs, init, channels_last, official keys."""
+"""Small-stem ResNets and the SimCLR model: parameter counts, outputs, init, channels_last, official
+keys."""
 import math
 
 import pytest
@@ -39,15 +40,18 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# torchvision's published totals, minus fc (512*1000+1000 / 2048*1000+1000), minus the 7x7 stem, plus the 3x3 stem
+# torchvision's published totals, minus fc (512*1000+1000 / 2048*1000+1000), minus the 7x7 stem,
+# plus the 3x3 stem
 TV_RESNET18, TV_RESNET50 = 11_689_512, 25_557_032
 STEM_DELTA = -conv(3, 64, 7) + conv(3, 64, 3)
 
 
 def test_parameter_counts():
     r18, r50 = resnet18(), resnet50()
-    assert count(r18) == analytic_resnet_params("basic", (2, 2, 2, 2)) == TV_RESNET18 - 513_000 + STEM_DELTA == 11_168_832
-    assert count(r50) == analytic_resnet_params("bottleneck", (3, 4, 6, 3)) == TV_RESNET50 - 2_049_000 + STEM_DELTA == 23_500_352
+    assert (count(r18) == analytic_resnet_params("basic", (2, 2, 2, 2))
+            == TV_RESNET18 - 513_000 + STEM_DELTA == 11_168_832)
+    assert (count(r50) == analytic_resnet_params("bottleneck", (3, 4, 6, 3))
+            == TV_RESNET50 - 2_049_000 + STEM_DELTA == 23_500_352)
     head = 2048 * 512 + bn(512) + 512 * 128 + 128
     assert count(SimCLRModel("resnet50")) == 23_500_352 + head
     assert count(resnet18(width=16)) == analytic_resnet_params("basic", (2, 2, 2, 2), width=16)
@@ -83,7 +87,8 @@ def test_resnet50_shapes_and_stride():
     assert maps["l4"] == (2, 2048, 4, 4)          # total stride 8: 32x32 -> 4x4
     assert not any(isinstance(m, (nn.MaxPool2d,)) for m in model.modules())
     stem = model.encoder.conv1
-    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1) and stem.padding == (1, 1) and stem.bias is None
+    assert (stem.kernel_size == (3, 3) and stem.stride == (1, 1) and stem.padding == (1, 1)
+            and stem.bias is None)
 
 
 def test_initialisation():
@@ -92,8 +97,10 @@ def test_initialisation():
     conv2 = enc.layer3[0].conv2                     # 3x3, 256 -> 256
     fan_out = conv2.out_channels * 9
     assert abs(conv2.weight.std().item() - math.sqrt(2 / fan_out)) < 0.05 * math.sqrt(2 / fan_out)
-    stem_bound = 1 / math.sqrt(3 * 9)               # PyTorch default conv init (kaiming_uniform a=sqrt(5))
-    assert enc.conv1.weight.abs().max() <= stem_bound and enc.conv1.weight.abs().max() > 0.8 * stem_bound
+    # PyTorch default conv init (kaiming_uniform a=sqrt(5))
+    stem_bound = 1 / math.sqrt(3 * 9)
+    assert (enc.conv1.weight.abs().max() <= stem_bound
+            and enc.conv1.weight.abs().max() > 0.8 * stem_bound)
     for m in enc.modules():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
@@ -115,7 +122,8 @@ def test_official_checkpoint_keys():
     torch.manual_seed(0)
     ours = SimCLRModel("resnet18", feature_dim=16)
     e = ours.encoder
-    official_f = nn.Sequential(e.conv1, e.bn1, e.relu, e.layer1, e.layer2, e.layer3, e.layer4, e.avgpool)
+    official_f = nn.Sequential(e.conv1, e.bn1, e.relu, e.layer1, e.layer2, e.layer3, e.layer4,
+                               e.avgpool)
     state = {f"module.f.{k}": v for k, v in official_f.state_dict().items()}
     state.update({f"module.g.{k}": v for k, v in ours.g.state_dict().items()})
     fresh = SimCLRModel("resnet18", feature_dim=16)

@@ -23,8 +23,8 @@ def official_min_loss(z1, z2, partitions, idx, tau, irm_tau, lam, keep_cont):
         assign = theta[idx].argmax(1)
         for k in range(theta.shape[1]):
             w = (assign == k).double()[:, None]
-            l, p = reference(z1, z2, w, temperature=tau, irm_temperature=irm_tau, soft=False)
-            losses.append(l[0])
+            loss, p = reference(z1, z2, w, temperature=tau, irm_temperature=irm_tau, soft=False)
+            losses.append(loss[0])
             pens.append(p[0])
     total = torch.stack(losses).mean() + lam * torch.stack(pens).mean()
     if keep_cont:
@@ -75,15 +75,15 @@ def entropy(q):
     return -(q * q.log()).sum()
 
 
-@pytest.mark.parametrize("k,constrain,relax,nonorm", [(2, True, True, False), (2, True, False, False),
-                                                      (2, True, True, True), (2, False, False, False),
-                                                      (4, True, True, False)])
+@pytest.mark.parametrize("k,constrain,relax,nonorm",
+                         [(2, True, True, False), (2, True, False, False), (2, True, True, True),
+                          (2, False, False, False), (4, True, True, False)])
 def test_maximization_objective_matches_reference(k, constrain, relax, nonorm):
     batch = 40
     z1, z2 = feats(batch)
     theta = torch.randn(batch, k, dtype=torch.float64, requires_grad=True)
     q = torch.softmax(theta, 1)
-    l, p = reference(z1, z2, q, temperature=0.5, irm_temperature=0.4, soft=True, nonorm=nonorm)
+    loss, p = reference(z1, z2, q, temperature=0.5, irm_temperature=0.4, soft=True, nonorm=nonorm)
     qbar = q.mean(0)
     if not constrain:
         c = 0.0
@@ -93,7 +93,7 @@ def test_maximization_objective_matches_reference(k, constrain, relax, nonorm):
         c = F.relu(relaxed_entropy_threshold(k) - entropy(qbar))
     else:
         c = -entropy(qbar)
-    want = -(l.mean() + 0.5 * p.mean()) + c
+    want = -(loss.mean() + 0.5 * p.mean()) + c
     (g_want,) = torch.autograd.grad(want, theta)
 
     theta32 = theta.detach().float().requires_grad_()
@@ -108,7 +108,8 @@ def test_maximization_objective_matches_reference(k, constrain, relax, nonorm):
 
 def test_relaxed_threshold():
     assert relaxed_entropy_threshold(2) == 0.6365
-    assert abs(relaxed_entropy_threshold(2) - (-(1 / 3) * math.log(1 / 3) - (2 / 3) * math.log(2 / 3))) < 1e-4
+    assert abs(relaxed_entropy_threshold(2)
+               - (-(1 / 3) * math.log(1 / 3) - (2 / 3) * math.log(2 / 3))) < 1e-4
     h4 = relaxed_entropy_threshold(4)
     assert abs(h4 - (-(0.4 * math.log(0.4) + 3 * 0.2 * math.log(0.2)))) < 1e-12
     assert h4 < math.log(4)

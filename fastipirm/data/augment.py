@@ -58,7 +58,8 @@ def _uniform(shape, lo, hi, generator, device) -> Tensor:
 
 def _to_float_nchw(images: Tensor) -> Tensor:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} "
+                         f"{tuple(images.shape)}")
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -68,8 +69,10 @@ def _grayscale(x: Tensor) -> Tensor:
 
 
 def sample_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), *,
-                      generator: Optional[torch.Generator] = None, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``RandomResizedCrop.get_params`` for ``n`` samples at once: int64 (top, left, h, w), each (n,).
+                      generator: Optional[torch.Generator] = None,
+                      device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``RandomResizedCrop.get_params`` for ``n`` samples at once: int64 (top, left, h, w), each
+    (n,).
 
     Same distribution as torchvision: up to 10 tries with area ~ U(scale) * H * W and
     log(aspect) ~ U(log ratio), w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)),
@@ -112,7 +115,8 @@ def bilinear_resample_matrix(start: Tensor, length: Tensor, in_size: int, out_si
     PIL's bilinear ``resize`` (what torchvision applies to PIL images): output pixel o has centre
     c = start + (o + 0.5) * length / out_size; input pixel i gets weight
     max(0, 1 - |i + 0.5 - c| / max(1, length / out_size)) if it lies inside the crop, and each row
-    is normalised to sum 1. Rows are reversed where ``flip`` is set (a horizontal flip of the output).
+    is normalised to sum 1. Rows are reversed where ``flip`` is set (a horizontal flip of the
+    output).
     """
     dtype = torch.float32
     scale = length.to(dtype) / out_size                                        # (n,)
@@ -120,7 +124,8 @@ def bilinear_resample_matrix(start: Tensor, length: Tensor, in_size: int, out_si
     o = torch.arange(out_size, device=start.device, dtype=dtype)
     centre = start.to(dtype)[:, None] + (o[None, :] + 0.5) * scale[:, None]    # (n, out)
     i = torch.arange(in_size, device=start.device, dtype=dtype)
-    weight = torch.clamp(1.0 - (i[None, None, :] + 0.5 - centre[:, :, None]).abs() / support[:, None, None], min=0.0)
+    weight = torch.clamp(1.0 - (i[None, None, :] + 0.5 - centre[:, :, None]).abs()
+                         / support[:, None, None], min=0.0)
     inside = (i[None, :] >= start[:, None]) & (i[None, :] < (start + length)[:, None])  # (n, in)
     weight = weight * inside[:, None, :]
     weight = weight / weight.sum(dim=2, keepdim=True)
@@ -130,7 +135,8 @@ def bilinear_resample_matrix(start: Tensor, length: Tensor, in_size: int, out_si
 
 
 def _rgb_to_hsv(x: Tensor) -> Tensor:
-    """Float RGB in [0, 1] (n, 3, H, W) -> HSV with hue in [0, 1) (torchvision's tensor formulas)."""
+    """Float RGB in [0, 1] (n, 3, H, W) -> HSV with hue in [0, 1) (torchvision's tensor
+    formulas)."""
     r, g, b = x.unbind(1)
     maxc, _ = x.max(dim=1)
     minc, _ = x.min(dim=1)
@@ -160,7 +166,8 @@ def _hsv_to_rgb(x: Tensor) -> Tensor:
     # (R, G, B) for sectors 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
     table = torch.stack((torch.stack((v, q, p, p, t, v)), torch.stack((t, v, v, q, p, p)),
                          torch.stack((p, p, t, v, v, q))))                  # (3, 6, n, H, W)
-    return table.gather(1, sector[None, None].expand(3, 1, *sector.shape)).squeeze(1).transpose(0, 1)
+    return (table.gather(1, sector[None, None].expand(3, 1, *sector.shape))
+            .squeeze(1).transpose(0, 1))
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -190,31 +197,40 @@ class TwoViewAugment(torch.nn.Module):
     ``generator`` (preferably on the images' device) the result is a pure function of its state.
     """
 
-    def __init__(self, out_size: int = 32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
-                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8, gray_p: float = 0.2,
-                 blur_p: float = 0.5, blur_sigma=(0.1, 2.0), mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    def __init__(self, out_size: int = 32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 flip_p: float = 0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
+                 gray_p: float = 0.2, blur_p: float = 0.5, blur_sigma=(0.1, 2.0), mean=CIFAR10_MEAN,
+                 std=CIFAR10_STD):
         super().__init__()
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
+            raise ValueError("need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], "
+                             f"got {scale}, {ratio}")
         b, c, s, h = jitter
         if min(b, c, s) < 0 or not 0 <= h <= 0.5:
-            raise ValueError(f"jitter (brightness, contrast, saturation, hue) needs b, c, s >= 0 and 0 <= hue <= 0.5, got {jitter}")
+            raise ValueError("jitter (brightness, contrast, saturation, hue) needs b, c, s >= 0 "
+                             f"and 0 <= hue <= 0.5, got {jitter}")
         self.out_size = int(out_size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.flip_p, self.jitter_p, self.gray_p, self.blur_p = flip_p, jitter_p, gray_p, blur_p
-        # torchvision: brightness/contrast/saturation factor ~ U[max(0, 1 - v), 1 + v]; hue ~ U[-h, h]
-        self.jitter_ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
+        # torchvision: brightness/contrast/saturation factor ~ U[max(0, 1 - v), 1 + v];
+        # hue ~ U[-h, h]
+        self.jitter_ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c),
+                              (max(0.0, 1 - s), 1 + s), (-h, h))
         self.blur_sigma = tuple(blur_sigma)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"out_size={self.out_size}, scale={self.scale}, ratio={self.ratio}, flip_p={self.flip_p}, "
-                f"jitter_ranges={self.jitter_ranges}, jitter_p={self.jitter_p}, gray_p={self.gray_p}, "
+        return (f"out_size={self.out_size}, scale={self.scale}, ratio={self.ratio}, "
+                f"flip_p={self.flip_p}, jitter_ranges={self.jitter_ranges}, "
+                f"jitter_p={self.jitter_p}, gray_p={self.gray_p}, "
                 f"blur_p={self.blur_p}, blur_sigma={self.blur_sigma}")
 
     @torch.no_grad()
-    def forward(self, images: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor,
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         x = _to_float_nchw(images)
         return self._view(x, generator), self._view(x, generator)
 
@@ -226,18 +242,24 @@ class TwoViewAugment(torch.nn.Module):
         """The test transform with this module's mean/std (no resize)."""
         return eval_transform(images, self.mean, self.std)
 
-    def sample_params(self, n: int, height: int, width: int, generator: Optional[torch.Generator] = None,
+    def sample_params(self, n: int, height: int, width: int,
+                      generator: Optional[torch.Generator] = None,
                       device=None) -> dict[str, Tensor]:
-        """All random parameters of one view of ``n`` samples (drawn in a fixed order), on ``device``."""
+        """All random parameters of one view of ``n`` samples (drawn in a fixed order), on
+        ``device``."""
         gdev = generator.device if generator is not None else device
-        top, left, h, w = sample_crop_boxes(n, height, width, self.scale, self.ratio, generator=generator, device=gdev)
+        top, left, h, w = sample_crop_boxes(n, height, width, self.scale, self.ratio,
+                                            generator=generator, device=gdev)
         u = torch.rand((4, n), generator=generator, device=gdev)
-        flip, jitter_on, gray, blur_on = u[0] < self.flip_p, u[1] < self.jitter_p, u[2] < self.gray_p, u[3] < self.blur_p
-        order = torch.rand((n, 4), generator=generator, device=gdev).argsort(dim=1)  # uniform permutation of the 4 ops
-        factors = torch.stack([_uniform(n, lo, hi, generator, gdev) for lo, hi in self.jitter_ranges], dim=1)
+        flip, jitter_on, gray, blur_on = (u[0] < self.flip_p, u[1] < self.jitter_p,
+                                          u[2] < self.gray_p, u[3] < self.blur_p)
+        # uniform permutation of the 4 ops
+        order = torch.rand((n, 4), generator=generator, device=gdev).argsort(dim=1)
+        factors = torch.stack([_uniform(n, lo, hi, generator, gdev)
+                               for lo, hi in self.jitter_ranges], dim=1)
         sigma = _uniform(n, *self.blur_sigma, generator, gdev)
-        params = dict(top=top, left=left, height=h, width=w, flip=flip, jitter=jitter_on, order=order,
-                      factors=factors, gray=gray, blur=blur_on, sigma=sigma)
+        params = dict(top=top, left=left, height=h, width=w, flip=flip, jitter=jitter_on,
+                      order=order, factors=factors, gray=gray, blur=blur_on, sigma=sigma)
         if device is not None and torch.device(gdev) != torch.device(device):
             params = {k: v.to(device, non_blocking=True) for k, v in params.items()}
         return params
@@ -247,11 +269,13 @@ class TwoViewAugment(torch.nn.Module):
         n, _, height, width = x.shape
         wy = bilinear_resample_matrix(p["top"], p["height"], height, self.out_size)
         wx = bilinear_resample_matrix(p["left"], p["width"], width, self.out_size, flip=p["flip"])
-        x = torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))   # (n, 3, out, out)
+        # (n, 3, out, out)
+        x = torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
         x = self._color_jitter(x, p["jitter"], p["order"], p["factors"])
         x = torch.where(p["gray"][:, None, None, None], _grayscale(x).expand_as(x), x)
         x = gaussian_blur3(x, p["sigma"], p["blur"])
-        mean, std = self.mean.to(x.device, non_blocking=True), self.std.to(x.device, non_blocking=True)
+        mean, std = (self.mean.to(x.device, non_blocking=True),
+                     self.std.to(x.device, non_blocking=True))
         return ((x - mean) / std).contiguous()
 
     def _view(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -260,11 +284,13 @@ class TwoViewAugment(torch.nn.Module):
 
     @staticmethod
     def _color_jitter(x: Tensor, active: Tensor, order: Tensor, factors: Tensor) -> Tensor:
-        """ColorJitter with a per-sample op order. Ops: 0 brightness, 1 contrast, 2 saturation, 3 hue.
+        """ColorJitter with a per-sample op order. Ops: 0 brightness, 1 contrast, 2 saturation,
+        3 hue.
 
-        ``order`` (n, 4) is a permutation per sample, ``factors`` (n, 4) the four factors, ``active``
-        (n,) whether the jitter is applied at all. Six blend slots (three before the hue position,
-        three after) plus one hue pass reproduce every order; unused slots blend with f = 1.
+        ``order`` (n, 4) is a permutation per sample, ``factors`` (n, 4) the four factors,
+        ``active`` (n,) whether the jitter is applied at all. Six blend slots (three before the hue
+        position, three after) plus one hue pass reproduce every order; unused slots blend with
+        f = 1.
         """
         hue_pos = (order == 3).to(torch.int64).argmax(dim=1)                       # (n,)
         one = torch.ones_like(factors[:, 0])
@@ -272,21 +298,27 @@ class TwoViewAugment(torch.nn.Module):
             for step in range(3):
                 pos = torch.full_like(hue_pos, step) if before else hue_pos + 1 + step
                 valid = active & ((pos < hue_pos) if before else (pos <= 3))
-                op = order.gather(1, pos.clamp(max=3)[:, None]).squeeze(1)          # never hue where valid
+                # never hue where valid
+                op = order.gather(1, pos.clamp(max=3)[:, None]).squeeze(1)
                 f = torch.where(valid, factors.gather(1, op.clamp(max=2)[:, None]).squeeze(1), one)
                 f = f.to(x.dtype)[:, None, None, None]
                 gray = _grayscale(x)
-                target = torch.where((op == 1)[:, None, None, None], gray.mean(dim=(2, 3), keepdim=True),
-                                     torch.where((op == 2)[:, None, None, None], gray, torch.zeros_like(gray)))
+                target = torch.where((op == 1)[:, None, None, None],
+                                     gray.mean(dim=(2, 3), keepdim=True),
+                                     torch.where((op == 2)[:, None, None, None], gray,
+                                                 torch.zeros_like(gray)))
                 x = (f * x + (1.0 - f) * target).clamp_(0.0, 1.0)
             if before:
-                x = torch.where(active[:, None, None, None], adjust_hue(x, factors[:, 3].to(x.dtype)), x)
+                x = torch.where(active[:, None, None, None],
+                                adjust_hue(x, factors[:, 3].to(x.dtype)), x)
         return x
 
 
 def eval_transform(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
-    """The official ``test_transform``: ToTensor + Normalize, no resize. uint8 NHWC -> float32 NCHW."""
+    """The official ``test_transform``: ToTensor + Normalize, no resize. uint8 NHWC -> float32
+    NCHW."""
     x = _to_float_nchw(images)
-    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    mean = (torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+            .to(x.device, non_blocking=True))
     std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     return ((x - mean) / std).contiguous()

@@ -135,7 +135,8 @@ class DaliTwoViewLoader:
         if dtype not in _OUT_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if files is None:
-            if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            if (images is None or images.dtype != np.uint8 or images.ndim != 4
+                    or images.shape[3] != 3):
                 raise ValueError("images must be a uint8 array of shape (N, H, W, 3), got "
                                  f"{None if images is None else (images.dtype, images.shape)}")
             self.num_samples = images.shape[0]
@@ -174,7 +175,8 @@ class DaliTwoViewLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def order(self) -> torch.Tensor:
-        """Dataset indices of this epoch, in batch order (truncated to full batches if drop_last)."""
+        """Dataset indices of this epoch, in batch order (truncated to full batches if
+        drop_last)."""
         perm = (epoch_permutation(self.num_samples, self.seed, self.epoch) if self.shuffle
                 else torch.arange(self.num_samples))
         return perm[:len(self) * self.batch_size] if self.drop_last else perm
@@ -254,7 +256,8 @@ def image_folder_files(root, split: str = "") -> tuple[list[str], np.ndarray, li
     """Sorted image files of ``root/<split>/<class>/*`` with integer labels and the class names."""
     base = Path(root) / split if split else Path(root)
     if not base.is_dir():
-        raise FileNotFoundError(f"image folder {base} does not exist (expected {base}/<class>/<image>)")
+        raise FileNotFoundError(f"image folder {base} does not exist "
+                                f"(expected {base}/<class>/<image>)")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise FileNotFoundError(f"image folder {base} has no class sub-folders")
@@ -265,5 +268,6 @@ def image_folder_files(root, split: str = "") -> tuple[list[str], np.ndarray, li
                 files.append(str(f))
                 labels.append(k)
     if not files:
-        raise FileNotFoundError(f"image folder {base} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(f"image folder {base} has no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
     return files, np.asarray(labels, dtype=np.int64), classes

@@ -1,8 +1,8 @@
 """Data sets as one in-memory uint8 array, and the dispatcher that loads them by name.
 
-Every sample is identified by its row index in ``ArrayDataset.images``: IP-IRM's partitions are keyed
-by it, so the order of rows is part of the contract (it is the order of the published files; see
-each reader's module for the layout it expects):
+Every sample is identified by its row index in ``ArrayDataset.images``: IP-IRM's partitions are
+keyed by it, so the order of rows is part of the contract (it is the order of the published files;
+see each reader's module for the layout it expects):
 
 - ``stl10``      splits train, test, unlabeled, train+unlabeled  (:mod:`fastipirm.data.stl10`)
 - ``cifar10``    splits train, test                              (:mod:`fastipirm.data.cifar`)
@@ -51,7 +51,8 @@ class ArrayDataset:
 
     def __post_init__(self):
         im = self.images
-        if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 4 or im.shape[-1] != 3:
+        if (not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 4
+                or im.shape[-1] != 3):
             desc = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
             raise ValueError(f"{self.name}: images must be a uint8 (N, H, W, 3) array, got {desc}")
         if not im.flags.c_contiguous:
@@ -59,10 +60,12 @@ class ArrayDataset:
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
             if self.labels.shape != (im.shape[0],):
-                raise ValueError(f"{self.name}: labels shape {self.labels.shape} does not match {im.shape[0]} images")
+                raise ValueError(f"{self.name}: labels shape {self.labels.shape} does not match "
+                                 f"{im.shape[0]} images")
         for key, value in (self.factors or {}).items():
             if len(value) != im.shape[0]:
-                raise ValueError(f"{self.name}: factor {key!r} has {len(value)} entries for {im.shape[0]} images")
+                raise ValueError(f"{self.name}: factor {key!r} has {len(value)} entries for "
+                                 f"{im.shape[0]} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]

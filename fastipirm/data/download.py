@@ -1,8 +1,9 @@
-"""Fetching a published data-set archive and checking it: MD5 digest, atomic download, safe extraction.
+"""Fetching a published data-set archive and checking it: MD5 digest, atomic download, safe
+extraction.
 
-Only the standard library is used (``urllib``, ``hashlib``, ``tarfile``). A failed or corrupt download
-never leaves a file under the final archive name: the bytes go to ``<archive>.part`` and are renamed
-only after the digest matched.
+Only the standard library is used (``urllib``, ``hashlib``, ``tarfile``). A failed or corrupt
+download never leaves a file under the final archive name: the bytes go to ``<archive>.part`` and
+are renamed only after the digest matched.
 """
 from __future__ import annotations
 

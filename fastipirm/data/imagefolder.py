@@ -38,7 +38,8 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
 
 def load_image_folder(root: str | Path, split: str, *, image_size: Optional[int] = 32
                       ) -> tuple[np.ndarray, Optional[np.ndarray], int]:
-    """Images (N, S, S, 3) uint8, int64 labels (None if unlabelled) and the number of classes (0 if unlabelled)."""
+    """Images (N, S, S, 3) uint8, int64 labels (None if unlabelled) and the number of classes (0 if
+    unlabelled)."""
     Image = _pillow()
     folder = Path(root) / split
     hint = (f"imagefolder expects {folder}/<class>/<image>.png|jpg|jpeg (labelled) "
@@ -51,7 +52,8 @@ def load_image_folder(root: str | Path, split: str, *, image_size: Optional[int]
         for index, name in enumerate(classes):
             found = _images_in(folder / name, recursive=True)
             if not found:
-                raise FileNotFoundError(f"imagefolder: class folder {folder / name} holds no image.\n{hint}")
+                raise FileNotFoundError(f"imagefolder: class folder {folder / name} holds no "
+                                        f"image.\n{hint}")
             files += found
             labels += [index] * len(found)
         label_array: Optional[np.ndarray] = np.asarray(labels, dtype=np.int64)
@@ -68,7 +70,8 @@ def load_image_folder(root: str | Path, split: str, *, image_size: Optional[int]
                 if image_size is not None:
                     im = _resize_center_crop(im, image_size, Image)
                 array = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for unreadable/corrupt files
+        # PIL's errors for unreadable/corrupt files
+        except (OSError, ValueError, SyntaxError) as exc:
             raise ValueError(f"{path}: cannot decode image ({exc}); the file is corrupt.") from None
         if images is None:
             images = np.empty((len(files),) + array.shape, dtype=np.uint8)
@@ -80,7 +83,8 @@ def load_image_folder(root: str | Path, split: str, *, image_size: Optional[int]
 
 
 def _resize_center_crop(im, size: int, Image):
-    """torchvision ``Resize(size)`` (short side -> size, long side truncated) then ``CenterCrop(size)``."""
+    """torchvision ``Resize(size)`` (short side -> size, long side truncated) then
+    ``CenterCrop(size)``."""
     w, h = im.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)

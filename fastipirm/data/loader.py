@@ -1,17 +1,18 @@
-"""Batches of (dataset index, uint8 images) from an in-memory :class:`ArrayDataset`, without workers.
+"""Batches of (dataset index, uint8 images) from an in-memory :class:`ArrayDataset`, without
+workers.
 
 The order of an epoch is a pure function of (seed, epoch): ``torch.randperm`` under the generator
-of the stream ``(seed, epoch)`` (:mod:`fastipirm.seeding`). A run resumed at an epoch boundary therefore sees
-exactly the batches the uninterrupted run would have seen. As in the official loaders
+of the stream ``(seed, epoch)`` (:mod:`fastipirm.seeding`). A run resumed at an epoch boundary
+therefore sees exactly the batches the uninterrupted run would have seen. As in the official loaders
 (``shuffle=True, drop_last=True`` for training), the last incomplete batch is dropped when
 ``drop_last`` is set, so an epoch holds ``N // batch_size`` batches of the first
 ``batch_size * (N // batch_size)`` indices of the permutation.
 
 Placement: with ``device`` a GPU and ``preload=True`` (default) the whole uint8 array is copied to
 the device once and batches are gathered there (no host work or synchronisation per batch);
-otherwise the array stays in host memory (pinned when the target is a GPU) and each batch is gathered
-on the host and copied with ``non_blocking=True``. Augmentation is not done here: the trainer applies
-:class:`~fastipirm.data.augment.TwoViewAugment` to the uint8 batch on its device.
+otherwise the array stays in host memory (pinned when the target is a GPU) and each batch is
+gathered on the host and copied with ``non_blocking=True``. Augmentation is not done here: the
+trainer applies :class:`~fastipirm.data.augment.TwoViewAugment` to the uint8 batch on its device.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class IndexedLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if drop_last and len(dataset) < batch_size:
-            raise ValueError(f"{dataset.name}: {len(dataset)} images cannot fill one batch of {batch_size} "
-                             "with drop_last=True")
+            raise ValueError(f"{dataset.name}: {len(dataset)} images cannot fill one batch of "
+                             f"{batch_size} with drop_last=True")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -56,8 +57,8 @@ class IndexedLoader:
             self.images = host.to(self.device)
         else:
             self.images = host.pin_memory() if on_gpu and torch.cuda.is_available() else host
-        self.labels: Optional[torch.Tensor] = (None if dataset.labels is None
-                                               else torch.from_numpy(dataset.labels).to(self.device))
+        self.labels: Optional[torch.Tensor] = (
+            None if dataset.labels is None else torch.from_numpy(dataset.labels).to(self.device))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields."""

@@ -60,7 +60,8 @@ def layout_hint(root: Path) -> str:
 
 def load_stl10(root: str | Path, split: str, *, download: bool = False
                ) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Images (N, 96, 96, 3) uint8 C-contiguous and int64 labels 0..9 (-1 unlabelled; None for ``unlabeled``)."""
+    """Images (N, 96, 96, 3) uint8 C-contiguous and int64 labels 0..9 (-1 unlabelled; None for
+    ``unlabeled``)."""
     if split not in SPLITS:
         raise ValueError(f"stl10: unknown split {split!r}; choose one of {sorted(SPLITS)}")
     root = Path(root)
@@ -78,7 +79,8 @@ def load_stl10(root: str | Path, split: str, *, download: bool = False
                                  + layout_hint(root))
         missing = []
     if missing:
-        raise FileNotFoundError(f"stl10 split {split!r}: missing {', '.join(str(folder / m) for m in missing)}.\n"
+        raise FileNotFoundError(f"stl10 split {split!r}: missing "
+                                f"{', '.join(str(folder / m) for m in missing)}.\n"
                                 + layout_hint(root))
 
     counts = [_image_count(folder / name) for name in image_files]
@@ -89,7 +91,8 @@ def load_stl10(root: str | Path, split: str, *, download: bool = False
         start += count
     if label_file is None:
         return images, None
-    labels = _read_labels(folder / label_file, expected=counts[0], image_file=folder / image_files[0])
+    labels = _read_labels(folder / label_file, expected=counts[0],
+                          image_file=folder / image_files[0])
     if len(image_files) > 1:  # train+unlabeled: the unlabelled rows carry -1
         labels = np.concatenate([labels, np.full(sum(counts[1:]), -1, dtype=np.int64)])
     return images, labels
@@ -107,7 +110,8 @@ def _read_images_into(path: Path, out: np.ndarray, chunk: int = 4096) -> None:
     """Fill ``out`` (n, 96, 96, 3) from the column-major planar records of ``path``, chunk by chunk.
 
     Record ``r`` viewed as (3, 96, 96) is indexed [channel, column, row], so HWC is its (2, 1, 0)
-    transpose. Chunking keeps the peak memory near the size of the result (the unlabeled file is 2.8 GB).
+    transpose. Chunking keeps the peak memory near the size of the result (the unlabeled file is
+    2.8 GB).
     """
     raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(out.shape[0], 3, SIDE, SIDE))
     try:

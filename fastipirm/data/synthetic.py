@@ -14,13 +14,13 @@ bg_angle      continuous: direction of the background's linear shading, U[0, 2*p
 bg_strength   continuous: amplitude of that shading, U[0, shading], shading = 0.3 by default
 ============  ==========================================================================
 
-plus i.i.d. Gaussian pixel noise (std ``noise``, in [0, 1] units). Colour jitter and grayscale weaken
-the colour cues and crops change position and size, while shape and orientation survive the
+plus i.i.d. Gaussian pixel noise (std ``noise``, in [0, 1] units). Colour jitter and grayscale
+weaken the colour cues and crops change position and size, while shape and orientation survive the
 augmentations; a probe on ``shape`` (5 classes, chance 20%) therefore measures how much shape the
 features carry. Fewer colours/backgrounds and no shading (``num_colors``, ``num_backgrounds``,
-``shading=0``) leave fewer non-shape cues for telling instances apart. ``color_correlation`` = rho > 0
-makes ``color = shape % num_colors`` for a fraction rho of the images: a spurious feature that
-SimCLR may latch onto and IP-IRM is meant to discount.
+``shading=0``) leave fewer non-shape cues for telling instances apart. ``color_correlation``
+= rho > 0 makes ``color = shape % num_colors`` for a fraction rho of the images: a spurious feature
+that SimCLR may latch onto and IP-IRM is meant to discount.
 
 Measured on the shared 2-core CPU (ResNet-18 at width 8, batch 128, 32 px, crop scale (0.2, 1),
 150 SimCLR steps of Adam 1e-3, 4,096 training images): weighted-kNN shape accuracy 0.30-0.34 and
@@ -79,8 +79,9 @@ _SDFS = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_cross, _sdf_ring)
 
 
 def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int = 0,
-                    color_correlation: float = 0.0, noise: float = 0.03, num_colors: int = len(COLORS),
-                    num_backgrounds: int = len(BACKGROUNDS), shading: float = 0.3
+                    color_correlation: float = 0.0, noise: float = 0.03,
+                    num_colors: int = len(COLORS), num_backgrounds: int = len(BACKGROUNDS),
+                    shading: float = 0.3
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render ``n`` images (n, image_size, image_size, 3) uint8 and return them with their factors.
 
@@ -90,11 +91,14 @@ def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int 
     Discrete factors are int64, continuous ones float32.
     """
     if n < 1 or image_size < 8:
-        raise ValueError(f"synthetic: need n >= 1 and image_size >= 8, got n={n}, image_size={image_size}")
+        raise ValueError(f"synthetic: need n >= 1 and image_size >= 8, got n={n}, "
+                         f"image_size={image_size}")
     if not 0.0 <= color_correlation <= 1.0 or noise < 0 or not 0.0 <= shading < 1.0:
-        raise ValueError("synthetic: color_correlation must lie in [0, 1], noise be >= 0 and shading in [0, 1)")
+        raise ValueError("synthetic: color_correlation must lie in [0, 1], noise be >= 0 and "
+                         "shading in [0, 1)")
     if not (1 <= num_colors <= len(COLORS) and 1 <= num_backgrounds <= len(BACKGROUNDS)):
-        raise ValueError(f"synthetic: num_colors must be 1..{len(COLORS)} and num_backgrounds 1..{len(BACKGROUNDS)}")
+        raise ValueError(f"synthetic: num_colors must be 1..{len(COLORS)} and num_backgrounds "
+                         f"1..{len(BACKGROUNDS)}")
     rng = numpy_rng(seed, stream)
     s = float(image_size)
     shape = rng.integers(0, len(SHAPES), n)
@@ -122,7 +126,8 @@ def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int 
     return images, factors
 
 
-def _render(f: dict[str, np.ndarray], size: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+def _render(f: dict[str, np.ndarray], size: int, noise: float,
+            rng: np.random.Generator) -> np.ndarray:
     n = f["shape"].shape[0]
     grid = np.arange(size, dtype=np.float32) + 0.5           # pixel centres
     dx = grid[None, None, :] - f["pos_x"][:, None, None]     # (n, 1, S)
@@ -152,7 +157,8 @@ def _render(f: dict[str, np.ndarray], size: int, noise: float, rng: np.random.Ge
 
 def load_synthetic(split: str, *, n: int | None = None, image_size: int = 32, seed: int = 0,
                    label_factor: str = "shape", color_correlation: float = 0.0, noise: float = 0.03,
-                   num_colors: int = len(COLORS), num_backgrounds: int = len(BACKGROUNDS), shading: float = 0.3
+                   num_colors: int = len(COLORS), num_backgrounds: int = len(BACKGROUNDS),
+                   shading: float = 0.3
                    ) -> tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]]:
     """Images, labels (= ``factors[label_factor]``), number of classes and all factors of a split.
 
@@ -161,10 +167,14 @@ def load_synthetic(split: str, *, n: int | None = None, image_size: int = 32, se
     if split not in SPLITS:
         raise ValueError(f"synthetic: unknown split {split!r}; choose one of {sorted(SPLITS)}")
     if label_factor not in DISCRETE_FACTORS:
-        raise ValueError(f"synthetic: label_factor must be one of {sorted(DISCRETE_FACTORS)}, got {label_factor!r}")
+        raise ValueError(f"synthetic: label_factor must be one of {sorted(DISCRETE_FACTORS)}, "
+                         f"got {label_factor!r}")
     stream, default_n = SPLITS[split]
-    images, factors = generate_shapes(default_n if n is None else int(n), image_size=image_size, seed=seed,
-                                      stream=stream, color_correlation=color_correlation, noise=noise,
-                                      num_colors=num_colors, num_backgrounds=num_backgrounds, shading=shading)
-    num_classes = {"shape": len(SHAPES), "color": num_colors, "background": num_backgrounds}[label_factor]
+    images, factors = generate_shapes(default_n if n is None else int(n), image_size=image_size,
+                                      seed=seed, stream=stream,
+                                      color_correlation=color_correlation, noise=noise,
+                                      num_colors=num_colors, num_backgrounds=num_backgrounds,
+                                      shading=shading)
+    num_classes = {"shape": len(SHAPES), "color": num_colors,
+                   "background": num_backgrounds}[label_factor]
     return images, factors[label_factor].copy(), num_classes, factors

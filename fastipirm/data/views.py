@@ -49,7 +49,7 @@ class TwoViewBatches:
                  generator: Optional[torch.Generator] = None):
         self.device = torch.device(device)
         self.pipeline = choose_pipeline(pipeline, self.device)
-        self.augment = TwoViewAugment(out_size=out_size, scale=scale)
+        self.augment = TwoViewAugment(out_size=out_size, scale=scale).to(self.device)
         self.generator = generator if generator is not None else torch.Generator(self.device)
         self.dali = None
         if self.pipeline == "dali":

@@ -77,7 +77,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Small-image ResNet encoder: ``forward(x (N, 3, H, W)) -> h (N, out_dim)``, unnormalised."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int], width: int = 64):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck],
+                 layers: tuple[int, int, int, int], width: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)

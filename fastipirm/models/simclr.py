@@ -8,8 +8,8 @@
 normalize(g(h)) (128-d) enters every contrastive/IRM loss and the partition features;
 normalize(h) feeds the kNN monitor; the linear probe reads the unnormalised ``encoder(x)``.
 The head's modules keep the official indices (g.0 linear, g.1 BN, g.2 ReLU, g.3 linear), and
-:func:`convert_official_state_dict` maps an official checkpoint (``f.*``/``g.*``, optionally with the
-``module.`` prefix of DataParallel) onto this module.
+:func:`convert_official_state_dict` maps an official checkpoint (``f.*``/``g.*``, optionally with
+the ``module.`` prefix of DataParallel) onto this module.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class SimCLRModel(nn.Module):
     width (512 = official); change them only for quick small-scale runs.
     """
 
-    def __init__(self, arch: str = "resnet50", feature_dim: int = 128, *, width: int = 64, hidden_dim: int = 512):
+    def __init__(self, arch: str = "resnet50", feature_dim: int = 128, *, width: int = 64,
+                 hidden_dim: int = 512):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
@@ -56,7 +57,8 @@ class SimCLRModel(nn.Module):
 
 
 def convert_official_state_dict(state: dict) -> dict:
-    """Rename an official IP-IRM/DCL ``Model`` state dict (``[module.]f.N.*``, ``g.N.*``) to ours."""
+    """Rename an official IP-IRM/DCL ``Model`` state dict (``[module.]f.N.*``, ``g.N.*``) to
+    ours."""
     out = {}
     for key, value in state.items():
         key = key.removeprefix("module.")
