@@ -1,6 +1,14 @@
 """Build script; metadata lives in pyproject.toml.
 
-Builds what the machine can (the flash-attention pattern):
+Packages: ``fastipirm`` and its subpackages, and the repository's top-level ``kernels/`` folder
+(the Triton kernels) installed inside the package as ``fastipirm.kernels``; nothing else becomes
+importable (no top-level ``kernels``, ``bench`` or ``tests``), in a wheel and in an editable
+install alike (the mapping makes setuptools use an import finder there, not a path entry for the
+repository root).
+
+Builds what the machine can (the flash-attention pattern), with the sources and compiler flags of
+``fastipirm/ops/build.py`` (which the JIT build of the backends uses too; loaded here by its
+path, since the package is not importable before it is installed):
 
 * the C++ CPU extension ``fastipirm._C`` (``csrc/*.cpp``) whenever torch is importable at build
   time, which is why the documented install is ``pip install --no-build-isolation -e .`` after
@@ -13,9 +21,39 @@ Builds what the machine can (the flash-attention pattern):
   ``nvcc`` is found (``CUDA_HOME``), or when ``FASTIPIRM_CUDA=1`` forces it; ``FASTIPIRM_CUDA=0``
   skips it. Machine code for sm_80 and sm_90. Otherwise it is skipped with the reason printed.
 """
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("_fastipirm_build",
+                                                  HERE / "fastipirm" / "ops" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # (dataclasses look their module up while it executes)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build_module()
+
+
+def _packages():
+    """``(packages, package_dir)``: fastipirm's packages, ``kernels/`` as ``fastipirm.kernels``."""
+    packages = find_packages(where=str(HERE), include=["fastipirm", "fastipirm.*"])
+    packages += ["fastipirm.kernels" + (f".{sub}" if sub else "")
+                 for sub in ["", *find_packages(where=str(HERE / "kernels"))]]
+    return packages, {"fastipirm.kernels": "kernels"}
+
+
+def _extension(kind, ext):
+    return kind(ext.module, list(ext.sources), extra_compile_args=ext.compile_args(),
+                extra_link_args=ext.link_args())
 
 
 def _extensions():
@@ -28,20 +66,8 @@ def _extensions():
         print("fastipirm: torch is not importable at build time; building without the C++ "
               "extension (install torch first and use `pip install --no-build-isolation -e .`)")
         return [], {}
-    cflags = ["-O3", "-fopenmp", "-std=c++17"]
-    if os.environ.get("FASTIPIRM_PORTABLE", "0") != "1":
-        cflags.append("-march=native")
-    cpu = CppExtension("fastipirm._C", ["csrc/env_contrastive_cpu.cpp"],
-                       extra_compile_args={"cxx": cflags}, extra_link_args=["-fopenmp"])
+    cpu = _extension(CppExtension, build.CPU_EXTENSION)
     return [cpu] + _cuda_extensions(), {"build_ext": BuildExtension}
-
-
-# nvcc flags of the CUDA kernels (kept equal to fastipirm/ops/cuda_backend.py NVCC_FLAGS, used by
-# the JIT build). No --use_fast_math: the exponentials are already exp2f on pre-scaled arguments
-# (one MUFU.EX2), and fast math would only add denormal flushing and approximate division for no
-# measurable gain. No -std: torch's build helper picks the C++ standard its headers need.
-CUDA_NVCC_FLAGS = ["-O3", "-gencode", "arch=compute_80,code=sm_80",
-                   "-gencode", "arch=compute_90,code=sm_90", "-lineinfo"]
 
 
 def _cuda_extensions():
@@ -61,10 +87,9 @@ def _cuda_extensions():
                   "(backend 'cuda'; set CUDA_HOME, or FASTIPIRM_CUDA=1 forces it)")
             return []
     print("fastipirm: building the CUDA extension fastipirm._cuda (sm_80, sm_90)")
-    return [CUDAExtension("fastipirm._cuda", ["csrc/env_contrastive_cuda.cpp",
-                                              "csrc/env_contrastive_cuda_kernels.cu"],
-                          extra_compile_args={"cxx": ["-O3"], "nvcc": CUDA_NVCC_FLAGS})]
+    return [_extension(CUDAExtension, build.CUDA_EXTENSION)]
 
 
+packages, package_dir = _packages()
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,1 +1,2 @@
-"""Benchmarks of fastipirm (``python -m bench.<name>``); recorded figures in ``bench/results/``."""
+"""Benchmarks of fastipirm: ``python -m bench <name> [options]`` from the repository root
+(:mod:`bench.cli`); recorded figures in ``bench/results/``, targets in :mod:`bench.targets`."""

@@ -8,12 +8,10 @@
      "targets": {"step/resnet50/P=8/fastipirm_over_official": {"min": 5}, ...},
      "accepted": [{"date": ..., "git_commit": ..., "command": ..., "benchmark": ...}]}
 
-:func:`figures` turns a record of any benchmark (``kernels``, ``loader``, ``step``,
-``maximize``, ``all``) into such keyed numbers; :func:`compare` fails a figure more than 10%
-worse than its baseline and a figure beyond its target; :func:`accept` writes a run into the file
-of the current GPU. ``bench/baselines/cpu.json`` is different: the CPU ratio that
-``tests/test_perf_regression.py`` enforces in CI (``{"ratios": {name: {"min": ..., "shape":
-...}}}``).
+:func:`figures` turns a record of any benchmark into such keyed numbers (each benchmark module's
+``figures(record)``); :func:`compare` fails a figure more than 10% worse than its baseline and a
+figure beyond its target; :func:`accept` writes a run into the file of the current GPU, with the
+targets of :mod:`bench.targets` it does not have yet.
 """
 from __future__ import annotations
 
@@ -22,95 +20,30 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from . import targets
 from .harness import environment, slug
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 TOLERANCE = 0.10
-FUSED = ("triton", "cuda")          # the backends issue 3's kernel targets apply to
-
-# Issue 7's targets (one H200); "min"/"max" bound the figure of the same key.
-ISSUE_TARGETS: dict[str, dict] = {
-    **{f"kernels/bf16/D=128/2B=8192/M=16/{mode}/{impl}/{metric}": bound
-       for mode in ("hard", "soft") for impl in FUSED
-       for metric, bound in (("x_reference", {"min": 20}), ("x_compile", {"min": 4}),
-                             ("memory_over_compile", {"max": 0.05}))},
-    "step/resnet50/P=8/fastipirm_over_official": {"min": 5},
-    "step/resnet50/P=8/ipirm_over_simclr_time": {"max": 1.15},
-    "maximize/fastipirm_seconds": {"max": 10},
-    "estimate/400_epoch_hours": {"max": 1.5},
-}
-
-
-def _figure(value, higher_is_better: bool) -> dict:
-    return {"value": float(value), "higher_is_better": higher_is_better}
-
-
-def _step_figures(record: dict) -> dict:
-    """``step/<arch>/P=<P>/<variant>/{images_per_s,step_images_per_s}`` and the ratios."""
-    out = {}
-    for r in record.get("rows", []):
-        for metric in ("images_per_s", "step_images_per_s"):
-            if r.get(metric) is not None:
-                out[f"step/{r['arch']}/P={r['partitions']}/{r['variant']}/{metric}"] = \
-                    _figure(r[metric], True)
-    names = {"fastipirm_vs_official": ("fastipirm_over_official", True),
-             "fastipirm_vs_official_step_only": ("fastipirm_over_official_step_only", True),
-             "compiled_vs_official": ("compiled_over_official", True),
-             "compiled_vs_official_step_only": ("compiled_over_official_step_only", True),
-             "ipirm_overhead": ("ipirm_over_simclr_time", False),
-             "ipirm_overhead_with_data": ("ipirm_over_simclr_time_with_data", False)}
-    for q in record.get("ratios", []):
-        for field, (name, higher) in names.items():
-            if q.get(field) is not None:
-                out[f"step/{q['arch']}/P={q['partitions']}/{name}"] = _figure(q[field], higher)
-    return out
-
-
-def _maximize_figures(record: dict) -> dict:
-    """``maximize/<impl>_seconds`` of rows ``{"impl" (or "variant"), "seconds"}`` and
-    ``maximize/fastipirm_over_official`` (the speed-up)."""
-    seconds = {}
-    for r in record.get("rows", []):
-        name = r.get("impl", r.get("variant"))
-        if name is not None and r.get("seconds") is not None:
-            seconds[name] = r["seconds"]
-    out = {f"maximize/{name}_seconds": _figure(s, False) for name, s in seconds.items()}
-    if seconds.get("fastipirm") and seconds.get("official") is not None:
-        out["maximize/fastipirm_over_official"] = _figure(
-            seconds["official"] / seconds["fastipirm"], True)
-    return out
 
 
 def figures(record: dict) -> dict:
     """``{key: {"value", "higher_is_better"}}`` of a record; keys start with the benchmark name.
 
-    Uses ``bench.<benchmark>.figures`` when the module defines it; ``step`` and ``maximize``
-    records are read here; an ``all`` record is the union of its parts plus the 400-epoch
-    estimate.
+    ``bench.<benchmark>.figures(record)`` reads a record of its own benchmark (an ``all`` record
+    is the union of its parts plus the 400-epoch estimate, ``bench.suite.figures``).
     """
     name = record.get("benchmark")
-    if name == "all":
-        out = {}
-        for part in record.get("parts", {}).values():
-            if isinstance(part, dict) and "benchmark" in part:
-                out.update(figures(part))
-        hours = record.get("estimate", {}).get("hours")
-        if hours is not None:
-            out["estimate/400_epoch_hours"] = _figure(hours, False)
-        return out
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"not a benchmark record: 'benchmark' is {name!r}")
+    module_name = "suite" if name == "all" else name
     try:
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"bench.{module_name}")
     except ImportError:
         module = None
-    if module is not None and callable(getattr(module, "figures", None)):
-        return module.figures(record)
-    if name == "step":
-        return _step_figures(record)
-    if name == "maximize":
-        return _maximize_figures(record)
-    raise ValueError(f"bench.{name} defines no figures(record): nothing to compare")
+    if module is None or not callable(getattr(module, "figures", None)):
+        raise ValueError(f"bench.{module_name} defines no figures(record): nothing to compare")
+    return module.figures(record)
 
 
 def baseline_path(gpu_name: Optional[str] = None) -> Path:
@@ -156,7 +89,8 @@ def load_baseline(path: Path | str) -> dict:
 def compare(record: dict, baseline: dict, tolerance: float = TOLERANCE) -> list[str]:
     """Failures of ``record`` against ``baseline``: one line per figure that is more than
     ``tolerance`` worse than its baseline value or outside its target. Figures the record does
-    not have are not checked."""
+    not have are not checked, nor targets set for settings the record does not have
+    (:func:`bench.targets.applies`)."""
     current = figures(record)
     failures = []
     for key, base in sorted(baseline.get("figures", {}).items()):
@@ -173,7 +107,7 @@ def compare(record: dict, baseline: dict, tolerance: float = TOLERANCE) -> list[
             failures.append(f"{key}: {value:.4g} is {change:.0%} worse than the baseline "
                             f"{ref:.4g} (allowed {tolerance:.0%})")
     for key, bound in sorted(baseline.get("targets", {}).items()):
-        if key not in current:
+        if key not in current or not targets.applies(key, record):
             continue
         value = current[key]["value"]
         if "min" in bound and value < bound["min"]:
@@ -187,7 +121,8 @@ def accept(record: dict, *, force: bool = False, path: Optional[Path | str] = No
     """Write the figures of ``record`` into the baseline of this GPU (merged with what is there).
 
     Refuses on a machine without CUDA unless ``force`` (the file is then ``cpu-<machine>.json``):
-    baselines hold GPU figures. Missing issue targets are added; existing targets are kept.
+    baselines hold GPU figures. The GPU targets of :mod:`bench.targets` the file lacks are
+    added; the targets it has are kept (a bound edited by hand for this GPU stays).
     """
     import torch
 
@@ -202,9 +137,9 @@ def accept(record: dict, *, force: bool = False, path: Optional[Path | str] = No
     path = Path(path) if path is not None else baseline_path(name)
     data = load_baseline(path) if path.exists() else {"gpu": name, "figures": {}, "targets": {}}
     data.setdefault("figures", {}).update(new)
-    targets = data.setdefault("targets", {})
-    for key, bound in ISSUE_TARGETS.items():
-        targets.setdefault(key, bound)
+    kept = data.setdefault("targets", {})
+    for key, bound in targets.bounds("gpu").items():
+        kept.setdefault(key, bound)
     env = environment()
     data.setdefault("accepted", []).append(
         {"benchmark": record.get("benchmark"), "figures": len(new),

@@ -1,13 +1,13 @@
-"""Shared pieces of the benchmarks: timing, the environment record and where results are written.
+"""Shared pieces of the benchmarks: timing, devices, the environment record and where results go.
 
 Every benchmark writes one JSON record to ``bench/results/`` holding what it measured and where:
 date (UTC), exact command, host (CPU, GPU name, driver), library versions and git commit.
 
-Every benchmark module ``bench.<name>`` has the same interface: ``add_arguments(ap)``,
-``run(args) -> record`` (a dict with at least ``benchmark`` and ``rows``; not saved),
-``format_table(record) -> str`` and ``main(argv=None) -> record`` (see :func:`module_main`).
-A module may also define ``figures(record) -> {key: {"value": float, "higher_is_better": bool}}``,
-the numbers of its record that ``bench.baselines`` compares between runs.
+Every benchmark module ``bench.<name>`` has the same interface, which ``python -m bench <name>``
+(:mod:`bench.cli`) drives: ``add_arguments(ap)``, ``run(args) -> record`` (a dict with at least
+``benchmark`` and ``rows``; not saved) and ``format_table(record) -> str``. A module may also
+define ``figures(record) -> {key: {"value": float, "higher_is_better": bool}}``, the numbers of
+its record that ``bench.baselines`` compares between runs and ``bench.targets`` bounds.
 """
 from __future__ import annotations
 
@@ -114,26 +114,27 @@ def save_record(name: str, record: dict, directory: Path | str | None = None) ->
     return path
 
 
-def add_save_arguments(ap) -> None:
-    """The option every benchmark's ``main`` has besides the module's own: ``--no-save``."""
-    ap.add_argument("--no-save", action="store_true", help="print the table, write no JSON")
+def random_images(n: int, size: int, seed: int):
+    """``n`` random uint8 RGB images of ``size`` x ``size`` (NHWC), a pure function of ``seed``
+    (the source images of the loader, step and maximisation benchmarks)."""
+    import numpy as np
+
+    from fastipirm.seeding import numpy_rng
+
+    return numpy_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def module_main(name: str, module, argv=None) -> dict:
-    """A benchmark module's ``main``: parse, run, print the table, save unless ``--no-save``."""
-    import argparse
+def figure(value, higher_is_better: bool) -> dict:
+    """One comparable number of a record (see ``bench.baselines``)."""
+    return {"value": float(value), "higher_is_better": higher_is_better}
 
-    ap = argparse.ArgumentParser(prog=f"python -m {getattr(module.__spec__, 'name', name)}",
-                                 description=(module.__doc__ or name).strip().splitlines()[0],
-                                 conflict_handler="resolve")
-    module.add_arguments(ap)
-    add_save_arguments(ap)
-    args = ap.parse_args(argv)
-    record = module.run(args)
-    print(module.format_table(record))
-    if not args.no_save:
-        print(f"wrote {save_record(name, record)}")
-    return record
+
+def sync(device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing on the CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(step, *, device: str = "cpu", warmup: int = 2, repeats: int = 10,
@@ -183,16 +184,32 @@ def measure(step, *, device: str = "cpu", warmup: int = 2, repeats: int = 10,
             "peak_mib": peak}
 
 
+def resolve_device(name: str | None, *, fallback: str = "auto"):
+    """The ``torch.device`` of a ``--device`` option: ``cpu``, ``cuda`` or ``cuda:N``; ``None``
+    means ``fallback`` (``auto``: CUDA when available, else the CPU). ValueError when CUDA is
+    asked for and missing."""
+    import torch
+
+    from fastipirm.runtime import select_device
+
+    name = name or fallback
+    try:
+        device = select_device(name)
+    except (RuntimeError, ValueError) as exc:
+        if "CUDA is not available" in str(exc):
+            raise ValueError(f"--device {name}: CUDA is not available on this machine") from None
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)          # measure() times the current device
+    return device
+
+
 def device_and_defaults(args, gpu_defaults: dict, cpu_defaults: dict):
     """``(device, options)``: ``args.device`` (default: cuda when available, else cpu) and, for
     every key of that device's defaults, ``args.<key>`` where given, else the default."""
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
+    device = resolve_device(args.device)
     base = gpu_defaults if device.type == "cuda" else cpu_defaults
     return device, {k: (getattr(args, k) if getattr(args, k, None) is not None else v)
                     for k, v in base.items()}

@@ -1,9 +1,8 @@
 """Kernel microbenchmark of env_contrastive_loss: forward + backward of every implementation.
 
-    python -m bench.kernels          # GPU: 2B in (512, 2048, 8192, 16384), D=128, M in (2, 16)
-    python -m bench.kernels          # CPU: 2B=512, D=128, M=16 (under a minute on 2 cores)
-    python -m bench.kernels --small  # CPU: tiny sizes, Triton in its interpreter
-    fastipirm bench kernels [options]
+    python -m bench kernels          # GPU: 2B in (512, 2048, 8192, 16384), D=128, M in (2, 16)
+    python -m bench kernels          # CPU: 2B=512, D=128, M=16 (under a minute on 2 cores)
+    python -m bench kernels --small  # CPU: tiny sizes, Triton in its interpreter
 
 In one process and one run, for hard and soft mode, times forward + backward (random upstream
 gradients, three input sets rotated between calls, warm-up excluded; ``bench.harness.measure``:
@@ -66,16 +65,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def _resolve(args) -> dict:
     """Sizes, device, dtype and counts from ``args`` and the machine; ValueError on bad input."""
-    import torch
+    from .harness import resolve_device
 
     if args.small and args.device not in (None, "cpu"):
         raise ValueError(f"--small runs on the CPU (Triton in its interpreter); got --device "
                          f"{args.device}")
-    device = args.device or ("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    device = str(resolve_device(args.device, fallback="cpu" if args.small else "auto"))
     cuda = device.startswith("cuda")
     if args.batch:
         sizes = [2 * b for b in args.batch]
@@ -103,8 +98,11 @@ def _implementations(args, device: str) -> tuple[dict, dict]:
     """``({name: fn}, {name: reason it is absent})`` with ``fn(z1, z2, w, soft=...)``."""
     import torch
 
-    from fastipirm.ops import (available_backends, env_contrastive_loss,
-                               env_contrastive_loss_reference)
+    from fastipirm.ops import (
+        available_backends,
+        env_contrastive_loss,
+        env_contrastive_loss_reference,
+    )
     from fastipirm.ops.backends import BACKENDS
     from fastipirm.ops.torch_backend import env_contrastive_loss_torch
 
@@ -177,8 +175,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dim, dtype = cfg["device"], cfg["dim"], getattr(torch, DTYPES[cfg["dtype"]])
-    if cfg["cuda"] and ":" in device:
-        torch.cuda.set_device(torch.device(device))     # measure() times the current device
     impls, absent = _implementations(args, device)
     rows = []
     for n in cfg["sizes"]:
@@ -212,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "timing": "CUDA events" if cfg["cuda"] else "time.perf_counter",
         "flops_model": "3 * 2 * (2B)^2 * D",
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "args": dict(vars(args)),
         "rows": rows,
     }
     if record["triton_interpreter"]:
@@ -269,14 +265,11 @@ def figure_key(row: dict, metric: str) -> str:
 
 def figures(record: dict) -> dict:
     """The comparable numbers of a kernels record (see ``bench.baselines``)."""
-    out = {}
-    for row in record["rows"]:
-        if row.get("status") != "ok":
-            continue
-        for metric, higher in FIGURES.items():
-            if row.get(metric) is not None:
-                out[figure_key(row, metric)] = {"value": row[metric], "higher_is_better": higher}
-    return out
+    from .harness import figure
+
+    return {figure_key(row, metric): figure(row[metric], higher)
+            for row in record["rows"] if row.get("status") == "ok"
+            for metric, higher in FIGURES.items() if row.get(metric) is not None}
 
 
 def _num(value, fmt):
@@ -309,14 +302,3 @@ def format_table(record: dict) -> str:
             f"{_num(r.get('memory_over_compile'), '.3f'):>8}  ok")
     return "\n".join(lines)
 
-
-def main(argv=None) -> dict:
-    """``python -m bench.kernels``: run, print the table, save the record unless ``--no-save``."""
-    import sys
-
-    from .harness import module_main
-    return module_main(NAME, sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,10 @@
 """Maximisation benchmark: one full offline partition optimisation, official-style vs fastipirm.
 
-    python -m bench.maximize [--num-samples 105000] [--arch resnet50] [--epochs 61]
+    python -m bench maximize [--num-samples 105000] [--arch resnet50] [--epochs 61]
                              [--stop-rule fixed|official] [--official-epochs E] [--device cuda]
 
 Both implementations do the two phases of the official ``train_update_split`` with
-``--offline --random_init`` (spec section 7) on the same model weights, the same random source
+``--offline --random_init`` on the same model weights, the same random source
 images and the same initial Theta ~ N(0, 1):
 
 1. **extraction**: the normalised projections of one augmented view pair per image, model in
@@ -18,9 +18,12 @@ order), an fp32 forward per view, the features moved to the host; then ``auto_sp
 re-created eagerly (:func:`official_auto_split`): a DataLoader with ``--workers`` workers over the
 host feature bank, per batch and per environment the ``2B x (2B-1)`` logits with their slot map,
 the soft loss, the per-slot penalty by ``autograd.grad(create_graph=True)``, and the official
-``.item()`` reads. ``fastipirm``: :func:`fastipirm.partition.extract_views` (resident images,
-batched torch augmentation, bf16 autocast and channels_last on CUDA) and
-:func:`fastipirm.partition.optimize_partition` (one fused soft op call per batch).
+``.item()`` reads; the logits and slot map are the official construction with its masks made on
+the host (:func:`fastipirm.ops.reference.official_logits` with ``host_masks``). ``fastipirm``:
+:func:`fastipirm.partition.extract_views` (resident images, batched torch augmentation, bf16
+autocast and channels_last on CUDA) and :func:`fastipirm.partition.optimize_partition` (one
+fused soft op call per batch). Both draw Theta's initial values and the batch order from the
+same :mod:`fastipirm.seeding` streams.
 
 Fairness: both run the same number of epochs and Adam steps. ``--stop-rule fixed`` (default)
 runs exactly ``--epochs`` epochs in both (61 = the official maximum, epochs 0..60);
@@ -28,7 +31,8 @@ runs exactly ``--epochs`` epochs in both (61 = the official maximum, epochs 0..6
 without improvement, or e = 60) to each, and the record compares seconds per epoch as well.
 ``--official-epochs E`` times only E epochs of the official loop and scales its optimisation
 time to the epoch count of fastipirm (per-epoch work is constant); the record says so. Timing is
-wall-clock with device synchronisation, after one untimed warm-up of both on a small subset.
+wall-clock with device synchronisation, after one untimed warm-up of both on a small subset. The
+target (:mod:`bench.targets`): fastipirm's whole maximisation at N = 105,000 within 10 s.
 """
 from __future__ import annotations
 
@@ -42,14 +46,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .harness import device_and_defaults
-from .official_step import official_cudnn, official_logits
+from fastipirm.ops.reference import official_logits
+from fastipirm.runtime import AMP_MODES
+from fastipirm.seeding import Stream, derived_generator
+
+from .harness import device_and_defaults, figure, random_images, sync
+from .official_step import official_cudnn
+from .targets import report
 
 GPU_DEFAULTS = dict(arch="resnet50", width=64, num_samples=105_000, feature_batch=3096,
                     extract_batch=3096, epochs=61)
 CPU_DEFAULTS = dict(arch="resnet18", width=8, num_samples=512, feature_batch=128,
                     extract_batch=128, epochs=3)
-TARGET_FASTIPIRM_SECONDS = 10.0     # issue 7, N = 105,000 on one H200
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -74,7 +82,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--official-epochs", type=int, default=None,
                     help="time only this many official epochs and scale to fastipirm's count")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of 'official'")
-    ap.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16",
+    ap.add_argument("--amp", choices=AMP_MODES, default="bf16",
                     help="fastipirm's extraction autocast on CUDA (none on CPU)")
     ap.add_argument("--official-cudnn", choices=["official", "benchmark"], default="official",
                     help="official: deterministic cudnn without benchmark (official set_seed)")
@@ -121,7 +129,7 @@ def official_objective(f1: torch.Tensor, f2: torch.Tensor, theta_rows: torch.Ten
     q = F.softmax(theta_rows, dim=-1)
     losses, penalties = [], []
     for env in range(q.shape[1]):
-        logits, _, slots = official_logits(torch.cat([f1, f2]), f1.shape[0], slots=True)
+        logits, slots = official_logits(torch.cat([f1, f2]), host_masks=True)
         weight = q[:, env][slots]
         losses.append(official_soft_loss(logits / temperature, weight))
         scale = torch.ones((1, logits.shape[-1]), dtype=logits.dtype).to(logits.device)
@@ -244,26 +252,26 @@ def _resolve(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Clock:
     def __init__(self, device):
         self.device = device
 
     def __enter__(self):
-        _sync(self.device)
+        sync(self.device)
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        _sync(self.device)
+        sync(self.device)
         self.seconds = time.perf_counter() - self.start
 
 
 LOSS = dict(temperature=0.5, irm_temperature=0.5, irm_weight=0.5)
+
+
+def _order(opts: dict) -> torch.Generator:
+    """The feature-batch order of the Theta optimisation (the same stream for both)."""
+    return derived_generator(opts["seed"], Stream.THETA_ORDER, 0)     # the trainer's epoch 0
 
 
 def _official(model, images, theta0, opts) -> dict:
@@ -286,7 +294,7 @@ def _official(model, images, theta0, opts) -> dict:
             res = official_auto_split(f1, f2, theta0, device=device,
                                       batch_size=opts["feature_batch"],
                                       workers=opts["workers"], stop_after=opts["official_epochs"],
-                                      generator=torch.Generator().manual_seed(opts["seed"] + 1),
+                                      generator=_order(opts),
                                       **LOSS, **opts["rule"])
     return {"impl": "official", "n": len(images), "extract_s": extract.seconds,
             "optimize_s": optimise.seconds, "epochs_run": res["epochs_run"],
@@ -294,26 +302,25 @@ def _official(model, images, theta0, opts) -> dict:
             "seconds_per_epoch": optimise.seconds / res["epochs_run"]}
 
 
-def _fastipirm(model, images, theta0, opts) -> dict:
+def _fastipirm(model, cfg, images, theta0, opts) -> dict:
     from fastipirm.data import ArrayDataset, IndexedLoader, TwoViewAugment
     from fastipirm.partition import extract_views, optimize_partition
-    from fastipirm.train import autocast_factory
+    from fastipirm.runtime import autocast_factory, place_model
 
     device = opts["device"]
     n = len(images)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, cfg, device)            # as the trainer: channels_last
+    channels_last = cfg.model.channels_last
     autocast = autocast_factory(device, opts["amp"])
     augment = TwoViewAugment(out_size=opts["crop"]).to(device)
-    generator = torch.Generator(device=device).manual_seed(opts["seed"])
+    generator = derived_generator(opts["seed"], Stream.AUGMENT, device=device)
     data = ArrayDataset(images=images, labels=None, num_classes=0, name="bench")
     loader = IndexedLoader(data, opts["extract_batch"], seed=opts["seed"], shuffle=False,
                            drop_last=False, device=device)
     n_warm = min(n, opts["feature_batch"] + n % opts["feature_batch"])
     kwargs = dict(**LOSS, batch_size=opts["feature_batch"])
     cudnn = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device.type == "cuda"      # as train() sets it
+    torch.backends.cudnn.benchmark = device.type == "cuda"      # as the trainer sets it
     try:
         # warm-up (untimed): extraction kernels and the soft op at both batch shapes
         small = IndexedLoader(ArrayDataset(images=images[:min(n, opts["extract_batch"])],
@@ -332,7 +339,7 @@ def _fastipirm(model, images, theta0, opts) -> dict:
                                    channels_last=channels_last)
         with _Clock(device) as optimise:
             res = optimize_partition(z1, z2, theta0, **kwargs, **opts["rule"],
-                                     generator=torch.Generator().manual_seed(opts["seed"] + 1))
+                                     generator=_order(opts))
     finally:
         torch.backends.cudnn.benchmark = cudnn
     steps = res.epochs_run * math.ceil(n / opts["feature_batch"])
@@ -343,20 +350,24 @@ def _fastipirm(model, images, theta0, opts) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Run both implementations; returns the record (not saved)."""
-    from fastipirm.models import SimCLRModel
+    from fastipirm.partition import initial_logits
+    from fastipirm.runtime import build_model
+
+    from .step import config
 
     opts = _resolve(args)
     device, n = opts["device"], opts["num_samples"]
-    images = np.random.default_rng(opts["seed"]).integers(
-        0, 256, (n, opts["source_size"], opts["source_size"], 3), dtype=np.uint8)
+    images = random_images(n, opts["source_size"], opts["seed"])
+    cfg = config(opts["arch"], width=opts["width"], batch=opts["extract_batch"], amp=opts["amp"])
     torch.manual_seed(opts["seed"])
-    model = SimCLRModel(arch=opts["arch"], width=opts["width"]).to(device)
-    theta0 = torch.randn(n, opts["envs"], generator=torch.Generator().manual_seed(opts["seed"]))
-    theta0 = theta0.to(device)
+    model = build_model(cfg).to(device)
+    theta0 = initial_logits(n, opts["envs"], random_init=True, previous=None,
+                            generator=derived_generator(opts["seed"], Stream.THETA_INIT, 0),
+                            device=device)
     rows = []
     fast = None
     if "fastipirm" not in opts["skip"]:
-        fast = _fastipirm(copy.deepcopy(model), images, theta0, opts)
+        fast = _fastipirm(copy.deepcopy(model), cfg, images, theta0, opts)
         rows.append(fast)
     if "official" not in opts["skip"]:
         off = _official(copy.deepcopy(model), images, theta0, opts)
@@ -387,8 +398,19 @@ def run(args: argparse.Namespace) -> dict:
         "official_pipeline": f"PIL, {opts['workers']} DataLoader workers; fp32",
         "amp": opts["amp"] if device.type == "cuda" else "none",
         "rows": rows, "ratios": ratios,
-        "target": {"fastipirm_total_s_max": TARGET_FASTIPIRM_SECONDS, "num_samples": 105_000},
     }
+
+
+def figures(record: dict) -> dict:
+    """``maximize/<impl>_seconds`` (extraction + optimisation) of every row and
+    ``maximize/fastipirm_over_official`` (the speed-up; see ``bench.baselines``)."""
+    seconds = {r["impl"]: r["seconds"] for r in record.get("rows", [])
+               if r.get("seconds") is not None}
+    out = {f"maximize/{name}_seconds": figure(s, False) for name, s in seconds.items()}
+    if seconds.get("fastipirm") and seconds.get("official") is not None:
+        out["maximize/fastipirm_over_official"] = figure(
+            seconds["official"] / seconds["fastipirm"], True)
+    return out
 
 
 def format_table(record: dict) -> str:
@@ -411,17 +433,5 @@ def format_table(record: dict) -> str:
                      f"{q['extract']:.2f}x, optimisation {q['optimize']:.2f}x (per epoch "
                      f"{q['optimize_per_epoch']:.2f}x); same epochs: {q['same_epochs']}, "
                      f"same Adam steps: {q['same_adam_steps']}")
-    lines.append(f"target (H200, N = 105,000): fastipirm <= {TARGET_FASTIPIRM_SECONDS:.0f} s")
-    return "\n".join(lines)
+    return "\n".join(lines + report(record))
 
-
-def main(argv=None) -> dict:
-    """``python -m bench.maximize``: run, print the table, save the record unless ``--no-save``."""
-    import sys
-
-    from .harness import module_main
-    return module_main("maximize", sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    main()

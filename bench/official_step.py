@@ -1,12 +1,14 @@
 """The official ``train_env`` minimisation step (IP-IRM ``main.py``) re-created as a speed baseline.
 
-What one official step does (spec section 6.2), and what :class:`OfficialStep` does the same way:
+What one official step does, and what :class:`OfficialStep` does the same way:
 
 * the two views arrive as CPU tensors from the per-image PIL DataLoader and are copied to the
   device; one fp32 forward per view (train mode);
-* ``keep_cont``: the global NT-Xent from the official logit construction (``info_nce_loss``:
-  a same-sample label matrix and a diagonal mask built on the host and copied over, boolean
-  selection of the positives and negatives, positive first) and ``CrossEntropyLoss``;
+* ``keep_cont``: the global NT-Xent from the official logit construction (``info_nce_loss``: a
+  same-sample label matrix and a diagonal mask built on the host and copied over, boolean
+  selection of the positives and negatives, positive first;
+  :func:`fastipirm.ops.reference.official_logits` with ``host_masks``) and ``CrossEntropyLoss``
+  against zero targets also built on the host;
 * for every retained partition and every environment: the batch rows whose argmax environment
   is ``k`` (``torch.where``, a host synchronisation), their own ``2b x (2b-1)`` logit matrix,
   the cross-entropy at ``temperature`` and the per-slot IRM penalty at ``irm_temperature``: a
@@ -17,10 +19,9 @@ What one official step does (spec section 6.2), and what :class:`OfficialStep` d
 
 Not reproduced: ``nn.DataParallel`` over 2 GPUs (one device here, so BN sees the whole view) and
 the official cudnn flags, which the benchmarks set around this step instead
-(:func:`official_cudnn`). As in the official code nothing guards an empty environment (the
-logit construction fails on it), so batches must be large enough for the partitions (with
-random balanced partitions an empty environment has odds ``2^(1-B)`` per partition and batch). The pieces are also used by the official-style maximisation of
-``bench.maximize`` (:func:`official_logits` with ``slots=True``).
+(:func:`official_cudnn`). As in the official code nothing guards an empty environment (the logit
+construction fails on it), so batches must be large enough for the partitions (with random
+balanced partitions an empty environment has odds ``2^(1-B)`` per partition and batch).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from fastipirm.ops.reference import official_logits
 
 
 @contextlib.contextmanager
@@ -43,28 +46,9 @@ def official_cudnn(enabled: bool = True):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
-def official_logits(features: torch.Tensor, batch: int, *, slots: bool = False):
-    """``info_nce_loss`` (and ``info_nce_loss_update`` with ``slots``) at temperature 1.
-
-    ``features`` is ``(2b, D)``: view 1 then view 2. Returns the ``(2b, 2b-1)`` cosine logits
-    (positive in column 0, the negatives in ascending column order), the zero targets and, with
-    ``slots``, the in-batch sample index of every logit slot (int64, the official index map).
-    """
-    device = features.device
-    sample = torch.cat([torch.arange(batch), torch.arange(batch)])
-    same = (sample[None, :] == sample[:, None]).float().to(device)
-    sim = features @ features.T
-    keep = ~torch.eye(same.shape[0], dtype=torch.bool).to(device)
-    same = same[keep].view(same.shape[0], -1).bool()
-    sim = sim[keep].view(sim.shape[0], -1)
-    logits = torch.cat([sim[same].view(sim.shape[0], -1), sim[~same].view(sim.shape[0], -1)], 1)
-    targets = torch.zeros(logits.shape[0], dtype=torch.long).to(device)
-    if not slots:
-        return logits, targets
-    index = sample.to(device)[None, :].expand(2 * batch, 2 * batch)
-    index = index[keep].view(2 * batch, -1)
-    index = torch.cat([index[same].view(2 * batch, -1), index[~same].view(2 * batch, -1)], 1)
-    return logits, targets, index
+def zero_targets(logits: torch.Tensor) -> torch.Tensor:
+    """The official targets of the logits (positive in column 0), made on the host and copied."""
+    return torch.zeros(logits.shape[0], dtype=torch.long).to(logits.device)
 
 
 def slot_penalty(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -94,17 +78,17 @@ def train_env_loss(z1: torch.Tensor, z2: torch.Tensor, indices: torch.Tensor,
     parts)`` with parts ``loss_global``, ``loss_env`` (mean over the P*K terms) and ``penalty``
     (mean), detached.
     """
-    batch = z1.shape[0]
     zero = z1.new_zeros(())
     loss_global = zero
     if keep_cont:
-        logits, targets = official_logits(torch.cat([z1, z2]), batch)
-        loss_global = F.cross_entropy(logits / temperature, targets)
+        logits, _ = official_logits(torch.cat([z1, z2]), slots=False, host_masks=True)
+        loss_global = F.cross_entropy(logits / temperature, zero_targets(logits))
     env_losses, env_penalties = [], []
     for split in splits:
         for env in range(split.shape[1]):
             e1, e2 = select_environment(z1, z2, indices, split, env)
-            logits, targets = official_logits(torch.cat([e1, e2]), e1.shape[0])
+            logits, _ = official_logits(torch.cat([e1, e2]), slots=False, host_masks=True)
+            targets = zero_targets(logits)
             env_losses.append(F.cross_entropy(logits / temperature, targets))
             env_penalties.append(slot_penalty(logits / irm_temperature, targets))
     loss_env = torch.stack(env_losses).mean()

@@ -1,4 +1,4 @@
-"""The official data pipeline re-created for benchmarks: per-image PIL transforms in DataLoader workers.
+"""The official data pipeline re-created for benchmarks: per-image PIL transforms in workers.
 
 The official code (DCL / IP-IRM ``utils.train_transform``) runs torchvision's PIL transforms and a
 cv2 blur per image inside 4 DataLoader workers. torchvision and cv2 are not dependencies of
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ def _require_pil():
 class OfficialTransform:
     """One view of ``utils.train_transform`` on a PIL image, returning a normalised CHW tensor."""
 
-    def __init__(self, out_size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
-                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0)):
+    def __init__(self, out_size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+                 blur_sigma=(0.1, 2.0)):
         _require_pil()
         self.out_size, self.scale, self.ratio = out_size, scale, ratio
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
@@ -87,7 +89,8 @@ class OfficialTransform:
             sigma = random.uniform(*self.blur_sigma)
             k1 = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * sigma ** 2))
             k1 /= k1.sum()
-            img = img.filter(ImageFilter.Kernel((3, 3), np.outer(k1, k1).ravel().tolist(), scale=1))
+            img = img.filter(ImageFilter.Kernel((3, 3), np.outer(k1, k1).ravel().tolist(),
+                                                scale=1))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
         return (x - self.mean) / self.std
 
@@ -114,7 +117,21 @@ class OfficialPairDataset(torch.utils.data.Dataset):
 
 def official_loader(images: np.ndarray, batch_size: int = 256, workers: int = 4, **kwargs):
     """The official training loader: shuffle, drop_last, ``workers`` processes, pinned memory."""
-    return torch.utils.data.DataLoader(OfficialPairDataset(images, **kwargs), batch_size=batch_size,
-                                       shuffle=True, drop_last=True, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(),
+    return torch.utils.data.DataLoader(OfficialPairDataset(images, **kwargs),
+                                       batch_size=batch_size, shuffle=True, drop_last=True,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
                                        persistent_workers=workers > 0)
+
+
+def endless(loader) -> Iterator:
+    """The batches of ``loader`` epoch after epoch, as the official training loop iterates."""
+    while True:
+        yield from loader
+
+
+def stop_workers(loader) -> None:
+    """Shut down the persistent workers of a DataLoader now (not at garbage collection)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None

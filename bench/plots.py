@@ -1,4 +1,4 @@
-"""PNG charts of benchmark records (``fastipirm bench ... --plot``), written next to the JSON.
+"""PNG charts of benchmark records (``python -m bench ... --plot``), written next to the JSON.
 
 * ``kernels``: median fwd+bwd time against 2B per implementation (log-log), one panel per
   (mode, M); and peak memory against 2B (CUDA runs only: the CPU has no memory figure);
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as exc:
@@ -104,7 +104,7 @@ def _rate_bars(plt, record: dict, stem: Path) -> list[Path]:
 
 def plot_record(record: dict, stem: Path | str) -> list[Path]:
     """Write the PNG charts of ``record`` as ``<stem>_<chart>.png``; return their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     name = record.get("benchmark")

@@ -1,6 +1,6 @@
-"""Step benchmark: one IP-IRM training step, the official-style step against fastipirm's (issue 7).
+"""Step benchmark: one IP-IRM training step, the official-style step against fastipirm's.
 
-    python -m bench.step [--archs resnet50 resnet18] [--partitions 1 8] [--batch 256]
+    python -m bench step [--archs resnet50 resnet18] [--partitions 1 8] [--batch 256]
                          [--variants official fastipirm compiled simclr] [--device cuda]
 
 For every architecture and every number P of retained partitions (K = 2 environments each),
@@ -10,22 +10,25 @@ in one process, on random uint8 source images of ``--source-size`` px (STL-10: 9
 * ``official``: :class:`bench.official_step.OfficialStep` (fp32, one graph and one double
   backward per environment, official cudnn flags) fed by the official per-image PIL pipeline
   in ``--workers`` DataLoader workers (``bench.official_style``);
-* ``fastipirm``: the trainer's own step (:func:`fastipirm.train.make_train_step`: bf16 autocast
-  on CUDA, channels_last, all partitions in one fused op) fed by the GPU pipeline (DALI when
-  installed on CUDA, else the batched torch augmentation, as ``data.pipeline = "auto"``);
-* ``compiled``: the same step under ``torch.compile`` (forward + objective, with CUDA graphs in
-  the default ``reduce-overhead`` mode on CUDA, and the optimiser step); a failure is recorded
-  in the row instead of a rate;
-* ``simclr`` (once per architecture): the same trainer step without partitions.
+* ``fastipirm``: the trainer's own IP-IRM step (``method.name = "ipirm"`` built by
+  :func:`fastipirm.methods.build_method` as ``fastipirm train`` builds it: bf16 autocast on CUDA,
+  channels_last, all partitions in one fused op) fed by the trainer's views
+  (:class:`fastipirm.data.TwoViewBatches`: DALI when installed on CUDA, else the batched torch
+  augmentation, as ``data.pipeline = "auto"``);
+* ``compiled``: the same step under ``torch.compile`` (``MethodContext.compile_mode``: forward +
+  objective, with CUDA graphs in the default ``reduce-overhead`` mode on CUDA, and the optimiser
+  step); a failure is recorded in the row instead of a rate;
+* ``simclr`` (once per architecture): the trainer's SimCLR step (``method.name = "simclr"``).
 
 Each row has two rates: ``images_per_s`` with the data pipeline inside the timed step (what a
 training epoch sees) and ``step_images_per_s`` on pre-made batches (model step only). Ratios:
 ``fastipirm/official`` and ``compiled/official`` (both rates), and the IP-IRM overhead
-``time(fastipirm) / time(simclr)``. Timing: :func:`bench.harness.measure` (CUDA events), each
-timed call runs ``--inner`` steps so the per-call synchronisation is amortised; the warm-up of
-the data rows also drains the DataLoader's prefetched batches. On a CPU the defaults are small
-(ResNet-18 width 8, batch 32) and the figures are not GPU figures. On CUDA the default run
-compiles four steps (2 architectures x 2 values of P, a few minutes); ``--archs`` splits it.
+``time(fastipirm) / time(simclr)``; the targets are those of :mod:`bench.targets`. Timing:
+:func:`bench.harness.measure` (CUDA events), each timed call runs ``--inner`` steps so the
+per-call synchronisation is amortised; the warm-up of the data rows also drains the DataLoader's
+prefetched batches. On a CPU the defaults are small (ResNet-18 width 8, batch 32) and the figures
+are not GPU figures. On CUDA the default run compiles four steps (2 architectures x 2 values of
+P, a few minutes); ``--archs`` and ``--variants`` split it.
 """
 from __future__ import annotations
 
@@ -36,7 +39,12 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .harness import device_and_defaults, measure
+from fastipirm.data import PIPELINES
+from fastipirm.runtime import AMP_MODES
+
+from .harness import device_and_defaults, figure, measure, random_images, sync
+from .official_style import endless, stop_workers
+from .targets import report
 
 VARIANTS = ("official", "fastipirm", "compiled", "simclr")
 GPU_DEFAULTS = dict(archs=["resnet50", "resnet18"], width=64, batch=256, num_images=8192,
@@ -44,7 +52,6 @@ GPU_DEFAULTS = dict(archs=["resnet50", "resnet18"], width=64, batch=256, num_ima
 CPU_DEFAULTS = dict(archs=["resnet18"], width=8, batch=32, num_images=256,
                     warmup=2, repeats=5, inner=1, max_seconds=10.0)
 COMPILED_WARMUP = 8
-TARGETS = {"fastipirm_vs_official_at_p8": 5.0, "ipirm_overhead_max": 1.15}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -63,13 +70,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-images", type=int, default=None,
                     help="random source images (default: 8192 on CUDA, 256 on CPU)")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of 'official'")
-    ap.add_argument("--pipeline", choices=["auto", "dali", "torch"], default="auto",
+    ap.add_argument("--pipeline", choices=PIPELINES, default="auto",
                     help="fastipirm's data pipeline (auto: DALI on CUDA when installed)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of 'compiled' (default: reduce-overhead on CUDA, "
                          "default on CPU)")
-    ap.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16",
+    ap.add_argument("--amp", choices=AMP_MODES, default="bf16",
                     help="fastipirm's autocast on CUDA (none on CPU)")
     ap.add_argument("--official-cudnn", choices=["official", "benchmark"], default="official",
                     help="official: deterministic cudnn without benchmark (official set_seed); "
@@ -101,11 +108,6 @@ def _resolve(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(step: Callable[[int], None], opts: dict, *, warmup: Optional[int] = None) -> dict:
     """``measure`` of ``--inner`` consecutive steps per call; per-step milliseconds and img/s."""
     inner = opts["inner"]
@@ -129,19 +131,6 @@ def _cudagraph_skips() -> int:
         return int(counters["inductor"]["cudagraph_skips"])
     except (ImportError, KeyError, TypeError):
         return 0
-
-
-def _forever(loader) -> Iterator:
-    while True:
-        yield from loader
-
-
-def _stop_workers(loader) -> None:
-    """Shut down the persistent workers of a DataLoader now (not at garbage collection)."""
-    it = getattr(loader, "_iterator", None)
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-    loader._iterator = None
 
 
 def _row(arch, partitions, variant, with_data: Optional[dict], step_only: Optional[dict],
@@ -177,8 +166,7 @@ def _official_rows(arch: str, opts: dict, batches: Iterator, n: int) -> list[dic
         torch.manual_seed(opts["seed"])
         model = SimCLRModel(arch=arch, width=opts["width"]).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6)
-        splits = [torch.randn(n, opts["envs"], device=device) for _ in range(p)]
-        step = OfficialStep(model, opt, splits, device=device)
+        step = OfficialStep(model, opt, list(_partitions(p, n, opts).unbind(0)), device=device)
         fixed = [next(batches) for _ in range(3)]
 
         def with_data(i):
@@ -196,101 +184,90 @@ def _official_rows(arch: str, opts: dict, batches: Iterator, n: int) -> list[dic
     return rows
 
 
-def _fast_views(opts: dict, images: np.ndarray) -> tuple[str, Iterator]:
-    """fastipirm's training pipeline as an endless iterator of ``(indices, v1, v2)``."""
-    from fastipirm.data import ArrayDataset, IndexedLoader, TwoViewAugment
-    from fastipirm.train import choose_pipeline
+def _partitions(p: int, n: int, opts: dict) -> torch.Tensor:
+    """``(P, N, K)`` random partition logits on the device, the same for every variant."""
+    from fastipirm.seeding import Stream, derived_generator
 
-    device, batch = opts["device"], opts["batch"]
-    name = choose_pipeline(opts["pipeline"], device)
-    if name == "dali":
-        from fastipirm.data.dali import DaliTwoViewLoader, dali_available
-        ok, why = dali_available()
-        if not ok:
-            raise ValueError(f"--pipeline dali: {why}")
-        loader = DaliTwoViewLoader(images, batch, seed=opts["seed"], device=device,
-                                   out_size=opts["crop"], resident=device.type == "cuda")
+    g = derived_generator(opts["seed"], Stream.THETA_INIT)
+    return torch.randn(p, n, opts["envs"], generator=g).to(opts["device"])
 
-        def dali_views():
-            epoch = 0
-            while True:
-                loader.set_epoch(epoch)
-                yield from loader
-                epoch += 1
 
-        return name, dali_views()
+def _fast_views(opts: dict, images: np.ndarray):
+    """fastipirm's training views (:class:`fastipirm.data.TwoViewBatches`) of ``images``."""
+    from fastipirm.data import ArrayDataset, TwoViewBatches
+    from fastipirm.seeding import Stream, derived_generator
+
+    device = opts["device"]
     data = ArrayDataset(images=images, labels=None, num_classes=0, name="bench")
-    loader = IndexedLoader(data, batch, seed=opts["seed"], device=device)
-    augment = TwoViewAugment(out_size=opts["crop"]).to(device)
-    generator = torch.Generator(device=device).manual_seed(opts["seed"])
-
-    def torch_views():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            for indices, x in loader:
-                v1, v2 = augment(x, generator)
-                yield indices, v1, v2
-            epoch += 1
-
-    return name, torch_views()
+    try:
+        return TwoViewBatches(data, opts["batch"], seed=opts["seed"], device=device,
+                              pipeline=opts["pipeline"], out_size=opts["crop"],
+                              generator=derived_generator(opts["seed"], Stream.AUGMENT,
+                                                          device=device))
+    except ImportError as exc:
+        raise ValueError(f"--pipeline {opts['pipeline']}: {exc}") from None
 
 
-def _config(arch: str, opts: dict):
+def config(arch: str, *, width: int, batch: int, amp: str, method: str = "ipirm"):
+    """The :class:`fastipirm.config.Config` of a benchmark step (defaults elsewhere)."""
     from fastipirm.config import Config
 
     cfg = Config()
-    cfg.model.arch, cfg.model.width = arch, opts["width"]
-    cfg.train.batch_size, cfg.train.amp = opts["batch"], opts["amp"]
+    cfg.model.arch, cfg.model.width = arch, width
+    cfg.train.batch_size, cfg.train.amp = batch, amp
+    cfg.method.name = method
     return cfg
+
+
+def build_method(cfg, device: torch.device, *, seed: int, compile_mode: Optional[str] = None):
+    """The trainer's method for ``cfg`` as ``fastipirm train`` builds it: the model (initialised
+    from torch's global generator seeded with ``seed``) placed on ``device`` in channels_last,
+    Adam, the GradScaler and autocast of ``train.amp``, the step compiled in ``compile_mode``."""
+    from fastipirm import methods, runtime
+
+    torch.manual_seed(seed)
+    model = runtime.place_model(runtime.build_model(cfg), cfg, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay)
+    ctx = methods.MethodContext(cfg, model, optimizer, device,
+                                scaler=runtime.grad_scaler(device, cfg.train.amp),
+                                autocast=runtime.autocast_factory(device, cfg.train.amp),
+                                compile_mode=compile_mode)
+    return methods.build_method(cfg.method.name, ctx)
 
 
 def _fast_row(arch: str, p: int, variant: str, opts: dict, views: Iterator, n: int) -> dict:
     """One fastipirm row: ``fastipirm`` / ``compiled`` at P partitions, or ``simclr`` (p = 0)."""
-    from fastipirm.train import build_model, make_train_step
-
     device = opts["device"]
-    cfg = _config(arch, opts)
-    if variant == "simclr":
-        cfg.train.baseline = True
-    torch.manual_seed(opts["seed"])
-    model = build_model(cfg).to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
-                           weight_decay=cfg.train.weight_decay)
+    cfg = config(arch, width=opts["width"], batch=opts["batch"], amp=opts["amp"],
+                 method="simclr" if variant == "simclr" else "ipirm")
     compile_mode = opts["compile_mode"] if variant == "compiled" else None
     if compile_mode is not None:
         torch._dynamo.reset()           # a fresh compile per row: no shape reuse between rows
-    step = make_train_step(model, opt, cfg, device=device, compile_mode=compile_mode)
-    partitions = (None if variant == "simclr"
-                  else torch.randn(p, n, opts["envs"], device=device))
-    weight = cfg.train.penalty_weight
     fixed = [next(views) for _ in range(3)]
-
-    def with_data(i):
-        indices, v1, v2 = next(views)
-        step(indices, v1, v2, partitions, weight)
-
-    def step_only(i):
-        indices, v1, v2 = fixed[i % len(fixed)]
-        step(indices, v1, v2, partitions, weight)
-
     extra = {}
     cudnn = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device.type == "cuda"      # as train() sets it
+    torch.backends.cudnn.benchmark = device.type == "cuda"      # as the trainer sets it
     try:
         if compile_mode is not None:
             extra["compile_mode"] = compile_mode
             skips_before = _cudagraph_skips()
             t0 = time.perf_counter()
-            try:
-                step_only(0)                                     # compiles
-                _sync(device)
-            except Exception as exc:  # noqa: BLE001 - the row reports why compile failed
-                return _row(arch, p, variant, None, None, compile_mode=compile_mode,
-                            error=f"torch.compile failed: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        try:
+            method = build_method(cfg, device, seed=opts["seed"], compile_mode=compile_mode)
+            if variant != "simclr":
+                method.partitions = _partitions(p, n, opts)
+                method.penalty_weight = cfg.ipirm.penalty_weight
+            if compile_mode is not None:
+                method.step(*fixed[0])                           # compiles
+                sync(device)
+        except Exception as exc:  # noqa: BLE001 - the row reports why compile failed
+            if compile_mode is None:
+                raise
+            return _row(arch, p, variant, None, None, compile_mode=compile_mode,
+                        error=f"torch.compile failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        if compile_mode is not None:
             extra["first_call_s"] = time.perf_counter() - t0
             if device.type == "cuda":
                 extra["cudagraph_skips"] = _cudagraph_skips() - skips_before
@@ -298,8 +275,8 @@ def _fast_row(arch: str, p: int, variant: str, opts: dict, views: Iterator, n: i
             warmup = max(opts["warmup"], COMPILED_WARMUP)
         else:
             warmup = opts["warmup"]
-        only = _timed(step_only, opts, warmup=warmup)
-        data = _timed(with_data, opts, warmup=warmup)
+        only = _timed(lambda i: method.step(*fixed[i % len(fixed)]), opts, warmup=warmup)
+        data = _timed(lambda i: method.step(*next(views)), opts, warmup=warmup)
     finally:
         torch.backends.cudnn.benchmark = cudnn
     return _row(arch, p if variant != "simclr" else 0, variant, data, only, **extra)
@@ -343,9 +320,7 @@ def run(args: argparse.Namespace) -> dict:
     """Measure every requested variant; returns the record (not saved)."""
     opts = _resolve(args)
     device = opts["device"]
-    images = np.random.default_rng(opts["seed"]).integers(
-        0, 256, (opts["num_images"], opts["source_size"], opts["source_size"], 3),
-        dtype=np.uint8)
+    images = random_images(opts["num_images"], opts["source_size"], opts["seed"])
     n = len(images)
     rows: list[dict] = []
     official_loader = None
@@ -355,11 +330,12 @@ def run(args: argparse.Namespace) -> dict:
             from .official_style import official_loader as make_loader
             official_loader = make_loader(images, batch_size=opts["batch"],
                                           workers=opts["workers"], out_size=opts["crop"])
-            batches = _forever(official_loader)
+            batches = endless(official_loader)
             next(batches)                           # start the workers before any timing
         fast_variants = [v for v in ("fastipirm", "compiled", "simclr") if v in opts["variants"]]
         if fast_variants:
-            pipeline, views = _fast_views(opts, images)
+            two_views = _fast_views(opts, images)
+            pipeline, views = two_views.pipeline, two_views.forever()
         for arch in opts["archs"]:
             if "official" in opts["variants"]:
                 rows += _official_rows(arch, opts, batches, n)
@@ -371,7 +347,7 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append(_fast_row(arch, 0, "simclr", opts, views, n))
     finally:
         if official_loader is not None:
-            _stop_workers(official_loader)
+            stop_workers(official_loader)
     record = {
         "benchmark": "step", "device": device.type,
         "figures": ("GPU figures" if device.type == "cuda" else
@@ -379,9 +355,33 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in opts.items()},
         "pipeline": pipeline, "official_pipeline": f"PIL, {opts['workers']} DataLoader workers",
         "amp": opts["amp"] if device.type == "cuda" else "none",
-        "rows": rows, "ratios": _ratios(rows), "targets": TARGETS,
+        "rows": rows, "ratios": _ratios(rows),
     }
     return record
+
+
+_RATIO_FIGURES = {"fastipirm_vs_official": ("fastipirm_over_official", True),
+                  "fastipirm_vs_official_step_only": ("fastipirm_over_official_step_only", True),
+                  "compiled_vs_official": ("compiled_over_official", True),
+                  "compiled_vs_official_step_only": ("compiled_over_official_step_only", True),
+                  "ipirm_overhead": ("ipirm_over_simclr_time", False),
+                  "ipirm_overhead_with_data": ("ipirm_over_simclr_time_with_data", False)}
+
+
+def figures(record: dict) -> dict:
+    """``step/<arch>/P=<P>/<variant>/{images_per_s,step_images_per_s}`` and the ratios
+    ``step/<arch>/P=<P>/<ratio>`` (see ``bench.baselines``)."""
+    out = {}
+    for r in record.get("rows", []):
+        for metric in ("images_per_s", "step_images_per_s"):
+            if r.get(metric) is not None:
+                out[f"step/{r['arch']}/P={r['partitions']}/{r['variant']}/{metric}"] = \
+                    figure(r[metric], True)
+    for q in record.get("ratios", []):
+        for field, (name, higher) in _RATIO_FIGURES.items():
+            if q.get(field) is not None:
+                out[f"step/{q['arch']}/P={q['partitions']}/{name}"] = figure(q[field], higher)
+    return out
 
 
 def _fmt(v, spec=".1f") -> str:
@@ -417,18 +417,5 @@ def format_table(record: dict) -> str:
                 f"{_fmt(q.get('compiled_vs_official_step_only'), '.2f'):>7} "
                 f"{_fmt(q.get('ipirm_overhead'), '.3f'):>14} "
                 f"{_fmt(q.get('ipirm_overhead_with_data'), '.3f'):>7}")
-        lines.append(f"targets (H200): fastipirm >= {TARGETS['fastipirm_vs_official_at_p8']}x "
-                     f"official at P=8; IP-IRM/SimCLR <= {TARGETS['ipirm_overhead_max']}")
-    return "\n".join(lines)
+    return "\n".join(lines + report(record))
 
-
-def main(argv=None) -> dict:
-    """``python -m bench.step``: run, print the table, save the record unless ``--no-save``."""
-    import sys
-
-    from .harness import module_main
-    return module_main("step", sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,6 @@
 """The whole benchmark suite in one process, and the wall time of a full STL-10 IP-IRM run.
 
-    python -m bench.suite [--only kernels step] [--kernels-args "--n 8192 --envs 16"] ...
-    fastipirm bench all [options]
+    python -m bench all [--only kernels step] [--kernels-args "--n 8192 --envs 16"] ...
 
 Runs ``kernels``, ``loader``, ``step`` and ``maximize`` (each with its own defaults, or the
 options given as one string in ``--<part>-args``) and returns one record holding each part's
@@ -17,6 +16,8 @@ import math
 import shlex
 import time
 import traceback
+
+from .targets import report
 
 NAME = "all"
 PARTS = ("kernels", "loader", "step", "maximize")
@@ -48,11 +49,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="run only these parts (default: all four)")
     for part in PARTS:
         ap.add_argument(f"--{part}-args", default="", metavar="OPTIONS",
-                        help=f"options of 'fastipirm bench {part}', quoted as one string")
+                        help=f"options of 'python -m bench {part}', quoted as one string")
 
 
 def _part_args(part: str, module, text: str) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=f"fastipirm bench all --{part}-args",
+    ap = argparse.ArgumentParser(prog=f"python -m bench all --{part}-args",
                                  conflict_handler="resolve")
     module.add_arguments(ap)
     try:
@@ -175,6 +176,22 @@ def estimate(step: dict | None, maximize: dict | None) -> dict:
     return out
 
 
+def figures(record: dict) -> dict:
+    """The figures of every part (``bench.baselines.figures``) and
+    ``estimate/400_epoch_hours``."""
+    from .baselines import figures as part_figures
+    from .harness import figure
+
+    out = {}
+    for part in record.get("parts", {}).values():
+        if isinstance(part, dict) and "benchmark" in part:
+            out.update(part_figures(part))
+    hours = record.get("estimate", {}).get("hours")
+    if hours is not None:
+        out["estimate/400_epoch_hours"] = figure(hours, False)
+    return out
+
+
 def format_table(record: dict) -> str:
     """Every part's table, then the parts' status and the estimate."""
     blocks = []
@@ -196,16 +213,6 @@ def format_table(record: dict) -> str:
     else:
         lines.append(f"estimated 400-epoch run: {est['status']}")
     lines.append(f"formula: {est['formula']}")
+    lines += [line for line in report(record) if "estimate/" in line]
     return "\n\n".join(blocks + ["\n".join(lines)])
 
-
-def main(argv=None) -> dict:
-    """``python -m bench.suite``: run, print the tables, save the record unless ``--no-save``."""
-    import sys
-
-    from .harness import module_main
-    return module_main(NAME, sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    main()

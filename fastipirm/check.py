@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import PENALTIES, available_backends, env_contrastive_loss, env_contrastive_loss_reference
+from .ops import (PENALTIES, EnvContrastiveSpec, available_backends, env_contrastive_loss,
+                  env_contrastive_loss_reference)
 
 FP32_TOLERANCE = 1e-4
 
@@ -104,16 +105,18 @@ def outputs_and_grads(fn, z1, z2, w, soft: bool, up_loss, up_pen) -> list:
 
 
 def check_compiled_step(impl, device="cpu") -> None:
-    """A tiny training step through ``impl`` (backend signature) compiles with
-    ``fullgraph=True`` (aot_eager) and gives the eager loss and parameter gradient."""
+    """A tiny training step through ``impl`` (backend signature ``impl(z1, z2, w, spec)``)
+    compiles with ``fullgraph=True`` (aot_eager) and gives the eager loss and parameter
+    gradient."""
     lin = torch.nn.Linear(8, 8).to(device)
     z1, z2, w = make_inputs(Case(6, 8, 2, True, "slot"), device=device)
+    spec = EnvContrastiveSpec(temperature=0.5, irm_temperature=0.4, soft=True, penalty="slot",
+                              nonorm=False)
 
     def step(x1, x2, weights):
         a = torch.nn.functional.normalize(lin(x1), dim=1)
         b = torch.nn.functional.normalize(lin(x2), dim=1)
-        loss, pen = impl(a, b, weights, temperature=0.5, irm_temperature=0.4, soft=True,
-                         penalty="slot", nonorm=False)
+        loss, pen = impl(a, b, weights, spec)
         return loss.mean() + 0.5 * pen.mean()
 
     out = torch.compile(step, fullgraph=True, backend="aot_eager")(z1, z2, w)

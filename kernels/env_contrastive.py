@@ -1,10 +1,12 @@
-"""Backend ``"triton"`` of :func:`fastipirm.ops.env_contrastive_loss`: fused, O(N (D+M)) memory.
+"""The Triton kernels of backend ``"triton"`` and their launchers: fused, O(N (D+M)) memory.
 
-Same function as :mod:`fastipirm.ops.torch_backend` (read its docstring for the math and the
-notation: ``N = 2B`` concatenated views, ``W2 = [w; w]``, row stats
-``Z = e_pos + kappa * (E @ W2)``, per-slot penalty from three diagonal-band column reductions
-scattered to slots ``pos+1, pos, pos-1``). The ``N x N`` similarity is never materialised, neither
-in forward nor in backward.
+The kernel set of :mod:`fastipirm.ops.triton_backend`, which wraps these launchers for the shared
+fused glue and registers the backend (this module imports nothing from the ops layer). The
+function is that of the ``"torch"`` backend (``docs/kernels.md`` has the math and the notation:
+``N = 2B`` concatenated views, ``W2 = [w; w]``, row stats ``Z = e_pos + kappa * (E @ W2)``,
+per-slot penalty from three diagonal-band column reductions scattered to slots
+``pos+1, pos, pos-1``). The ``N x N`` similarity is never materialised, neither in forward nor in
+backward.
 
 Decomposition
 -------------
@@ -38,9 +40,9 @@ are inaccurate. A shift per environment would fix it at M times the exp work; no
 All the environment logic (kappa, norms, hard/soft, nonorm, split groups, the rank ``pos``, the
 scatter of the ``(3, N, G)`` band sums to slots, the positive pair, the four penalty variants) is
 O(N M) torch "glue" on the kernel outputs, shared with the C++ and CUDA backends
-(:mod:`fastipirm.ops.fused`, which states each kernel's contract). Backward differentiates that glue in
-closed form (O(N M) work, no ``create_graph``, no double backward) to get ``gZN, gZN~, gACC, gRC``
-and the direct weight gradients, then runs the two backward kernels.
+(``docs/kernels.md#glue``; each kernel's contract: ``#contract``). Backward differentiates that
+glue in closed form (O(N M) work, no ``create_graph``, no double backward) to get ``gZN, gZN~,
+gACC, gRC`` and the direct weight gradients, then runs the two backward kernels.
 With ``x = S/T``:
 
 ``dS_ac = E_ac/T (gZN W2^T)_ac + E~_ac/T' (gZN~ W2^T)_ac
@@ -58,11 +60,9 @@ is tf32 or the inputs are fp16/bf16; under the interpreter everything is exact).
 are computed in float32 and the outputs / gradients cast back to float64 (documented deviation:
 float32 accuracy). Outputs are float32 for fp16/bf16/fp32 inputs.
 
-Entry points: :func:`env_contrastive_loss_triton` (the registered backend) runs as the
-``torch.library`` custom ops ``fastipirm::env_contrastive_triton_{fwd,bwd}``
-(:mod:`fastipirm.ops.custom_ops`; a training step compiles with ``fullgraph=True``);
-:func:`env_contrastive_loss_triton_eager` is the same computation through the
-``torch.autograd.Function`` :class:`fastipirm.ops.fused.FusedFunction`.
+Launchers: :func:`rowstats`, :func:`band` and :func:`grad` (the three kernels of the fused
+glue's contract, see ``docs/kernels.md#contract``); float32 outputs, the input precision chosen
+from the features' dtype and torch's float32 matmul precision.
 
 Feature dimension: a row block keeps its ``(BLOCK_M, next_pow2(D))`` features and gradient in
 registers, so ``D`` is limited to :data:`MAX_D` (a clear ``ValueError`` beyond; the projection
@@ -76,8 +76,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from fastipirm.ops.fused import FusedKernels, fused_eager, register_fused_backend
 
 from .utils import next_pow2
 
@@ -323,7 +321,7 @@ def _configs(heavy: bool) -> list:
 
 
 # Whether Triton created these kernels for its CPU interpreter (decided when this module was
-# imported, by TRITON_INTERPRET at that time; see kernels/utils.py).
+# imported, by TRITON_INTERPRET at that time; see utils.is_interpreter).
 INTERPRETED = type(_rowstats_kernel).__name__ == "InterpretedFunction"
 # Under the interpreter: one config, small blocks so that tests reach several tiles cheaply.
 INTERPRET_BLOCK = 32
@@ -385,7 +383,10 @@ def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     return "tf32", "tf32"
 
 
-def _rowstats(feats, spos, w2, batch, t1, t2, two_t, prec):
+def rowstats(feats, spos, w2, batch, t1, t2, two_t):
+    """Row shift ``mrow`` (N,) and the row sums ``zn = E W2``, ``znt = E~ W2`` (N, M) (``znt is
+    zn`` unless ``two_t``); all float32."""
+    prec = _precisions(feats.dtype)
     n, d = feats.shape
     m = w2.shape[1]
     m_out = torch.empty(n, device=feats.device, dtype=torch.float32)
@@ -399,7 +400,10 @@ def _rowstats(feats, spos, w2, batch, t1, t2, two_t, prec):
     return m_out, zn, znt
 
 
-def _band(feats, mrow, fac, nb_out, batch, t2, trans, nb, prec):
+def band(feats, mrow, fac, nb_out, batch, t2, trans, nb):
+    """``(nb_out, N, G)`` float32 band reductions of ``K~`` against the factors ``fac``: the
+    column reductions (``trans``, forward) or the row reduction (backward)."""
+    prec = _precisions(feats.dtype)
     n, d = feats.shape
     g = fac.shape[2]
     out = torch.empty(nb_out, n, g, device=feats.device, dtype=torch.float32)
@@ -411,7 +415,10 @@ def _band(feats, mrow, fac, nb_out, batch, t2, trans, nb, prec):
     return out
 
 
-def _grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw, prec):
+def grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
+    """``(dF (N, D), gW2 (N, M) or None)`` float32: the gradient kernel (``w2`` float32, the
+    cotangents ``gz1, gz2`` with ``w2``'s strides)."""
+    prec = _precisions(feats.dtype)
     n, d = feats.shape
     m = w2.shape[1]
     g = rc.shape[1]
@@ -427,66 +434,3 @@ def _grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw, pr
             TWO_T=two_t, NB=nb, NEED_GW=need_gw, PREC=prec[0], NPREC=prec[1],
             BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(m), BLOCK_G=next_pow2(g))
     return df, (gw if need_gw else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# the kernel set of the shared fused glue (fastipirm/ops/fused.py)
-# ----------------------------------------------------------------------------------------------
-
-class TritonKernels(FusedKernels):
-    """The Triton kernels behind :mod:`fastipirm.ops.fused` (float32 statistics)."""
-
-    name = "triton"
-
-    def check(self, z1: torch.Tensor) -> None:
-        if z1.device.type != "cuda" and not INTERPRETED:
-            raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 with "
-                               f"CPU tensors); got {z1.device.type} tensors")
-        if z1.shape[1] > MAX_D:
-            raise ValueError(f"the triton backend supports feature dimensions up to {MAX_D}; got "
-                             f"D={z1.shape[1]} (use backend='torch')")
-
-    def rowstats(self, feats, spos, w2, batch, t1, t2, two_t, cache=None):
-        return _rowstats(feats, spos, w2, batch, t1, t2, two_t, _precisions(feats.dtype))
-
-    def band(self, feats, mrow, fac, nb_out, batch, t2, trans, nb, cache=None):
-        return _band(feats, mrow, fac, nb_out, batch, t2, trans, nb, _precisions(feats.dtype))
-
-    def grad(self, feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
-             cache=None):
-        return _grad(feats, mrow, w2.float(), gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw,
-                     _precisions(feats.dtype))
-
-
-TRITON_KERNELS = TritonKernels()
-_op_backend = register_fused_backend(TRITON_KERNELS)
-
-
-def env_contrastive_loss_triton_eager(z1: torch.Tensor, z2: torch.Tensor,
-                                      env_weights: torch.Tensor, *, temperature: float,
-                                      irm_temperature: float, soft: bool, penalty: str = "slot",
-                                      nonorm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused op through :class:`fastipirm.ops.fused.FusedFunction` (plain eager autograd).
-
-    Same kernels and numbers as :func:`env_contrastive_loss_triton`, without the custom-op
-    dispatch (for eager use and for tests that watch every tensor the implementation allocates).
-    """
-    return fused_eager(TRITON_KERNELS, z1, z2, env_weights, temperature=temperature,
-                       irm_temperature=irm_temperature, soft=soft, penalty=penalty, nonorm=nonorm)
-
-
-def env_contrastive_loss_triton(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
-                                temperature: float, irm_temperature: float, soft: bool,
-                                penalty: str = "slot", nonorm: bool = False
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton ``env_contrastive_loss`` (inputs already validated by the public op).
-
-    Runs as the ``torch.library`` custom ops ``fastipirm::env_contrastive_triton_{fwd,bwd}``
-    (:mod:`fastipirm.ops.custom_ops`), so a training step using it compiles with
-    ``fullgraph=True``. Returns float32 ``(loss, penalty)`` of shape ``(M,)`` for fp16/bf16/fp32
-    inputs; float64 inputs are computed in float32 and returned (with their gradients) as float64.
-    Gradients for z1, z2 and, in soft mode, env_weights.
-    """
-    TRITON_KERNELS.check(z1)
-    return _op_backend(z1, z2, env_weights, temperature=temperature,
-                       irm_temperature=irm_temperature, soft=soft, penalty=penalty, nonorm=nonorm)

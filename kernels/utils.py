@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton kernels (no Triton import here)."""
+"""Small helpers of the Triton kernels and their registry (no Triton import here)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,8 @@ def is_interpreter() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
 
     The variable must be set before ``triton`` decorates the kernels (before the first import
-    of ``kernels.env_contrastive``); see shared/docs/conventions.md C4.
+    of ``fastipirm.kernels.env_contrastive``); see ``docs/kernels.md#triton-interpreter``. The
+    one place that reads the variable (the backend registry asks it too).
     """
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 

@@ -1,21 +1,20 @@
-"""Benchmarks: the harness, kernels, the suite, plots, baselines and ``fastipirm bench``."""
+"""Benchmarks: the harness, kernels, the suite, plots, baselines, targets, ``python -m bench``
+and its ``gpu-check``."""
 import argparse
 import json
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastipirm import cli
+from bench import baselines, harness, kernels, plots, suite, targets
+from bench import cli as bcli
 from fastipirm.ops import available_backends
-
-harness = cli._import_bench("harness")      # bench/ is the repository's, not installed
-kernels = cli._import_bench("kernels")
-baselines = cli._import_bench("baselines")
-suite = cli._import_bench("suite")
-plots = cli._import_bench("plots")
 
 TINY = ["--device", "cpu", "--n", "16", "--dim", "8", "--envs", "3", "--repeats", "2",
         "--warmup", "0"]
@@ -120,7 +119,8 @@ def test_kernels_unavailable_backend_is_a_row(monkeypatch):
 
 
 def test_cpu_alias_defaults():
-    cpu = cli._import_bench("cpu")
+    from bench import cpu
+
     args = _args(cpu, ["--dim", "8", "--repeats", "1", "--warmup", "0", "--n", "16"])
     assert args.device == "cpu" and args.envs == [16]
     assert _args(cpu, []).n == [512] and _args(cpu, []).dim == 128
@@ -134,7 +134,7 @@ def test_cpu_alias_defaults():
 
 
 def test_cli_bench_kernels(capsys, tmp_path):
-    rc = cli.main(["bench", "kernels", *TINY, "--impl", "reference", "torch", "--mode", "soft",
+    rc = bcli.main(["kernels", *TINY, "--impl", "reference", "torch", "--mode", "soft",
                    "--no-save", "--results-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
@@ -144,8 +144,8 @@ def test_cli_bench_kernels(capsys, tmp_path):
 
 def test_cli_bench_saves_and_plots(capsys, tmp_path):
     pytest.importorskip("matplotlib")
-    rc = cli.main(["bench", "kernels", *TINY, "--impl", "torch", "--mode", "hard",
-                   "--results-dir", str(tmp_path), "--plot"])
+    rc = bcli.main(["kernels", *TINY, "--impl", "torch", "--mode", "hard",
+                    "--results-dir", str(tmp_path), "--plot"])
     assert rc == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0].endswith(".json") and names[1].endswith("_time.png")
@@ -153,20 +153,20 @@ def test_cli_bench_saves_and_plots(capsys, tmp_path):
 
 
 def test_cli_bench_missing_module(monkeypatch, capsys):
-    monkeypatch.setitem(cli.BENCHMARKS, "maximize", "no_such_benchmark")
-    assert cli.main(["bench", "maximize"]) == 1
+    monkeypatch.setitem(bcli.BENCHMARKS, "maximize", ("no_such_benchmark", "a missing module"))
+    assert bcli.main(["maximize"]) == 1
     assert "bench/no_such_benchmark.py does not exist" in capsys.readouterr().err
 
 
 def test_cli_bench_bad_option_is_an_error(capsys):
-    assert cli.main(["bench", "kernels", "--device", "cpu", "--n", "15", "--no-save"]) == 2
+    assert bcli.main(["kernels", "--device", "cpu", "--n", "15", "--no-save"]) == 2
     assert "even" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
 def test_cli_accept_refuses_without_gpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(baselines, "BASELINES", tmp_path)
-    rc = cli.main(["bench", "kernels", *TINY, "--impl", "torch", "--no-save", "--accept"])
+    rc = bcli.main(["kernels", *TINY, "--impl", "torch", "--no-save", "--accept"])
     assert rc == 2 and "refusing" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="refusing"):
@@ -231,7 +231,7 @@ def test_compare_passes_equal_and_catches_a_10_percent_drop():
 
 
 def test_compare_catches_a_missed_target():
-    baseline = {"figures": {}, "targets": baselines.ISSUE_TARGETS}
+    baseline = {"figures": {}, "targets": targets.bounds()}
     assert baselines.compare(_kernels_record(), baseline) == []                   # 30x, 5x
     failures = baselines.compare(_kernels_record(triton_ms=16.0, compile_ms=100.0), baseline)
     assert failures == ["kernels/bf16/D=128/2B=8192/M=16/hard/triton/x_reference: 18.75 is "
@@ -272,7 +272,7 @@ def test_step_figures():
          "step_images_per_s": 6000.0}],
         "ratios": [{"arch": "resnet50", "partitions": 8, "fastipirm_vs_official": 4.0,
                     "ipirm_overhead": 1.2}]}
-    baseline = {"figures": {}, "targets": baselines.ISSUE_TARGETS}
+    baseline = {"figures": {}, "targets": targets.bounds()}
     failures = baselines.compare(step, baseline)
     assert len(failures) == 2
     assert failures[0].startswith("step/resnet50/P=8/fastipirm_over_official: 4 is below")
@@ -282,7 +282,8 @@ def test_step_figures():
 def test_maximize_figures():
     record = {"benchmark": "maximize", "rows": [{"impl": "official", "seconds": 600.0},
                                                 {"impl": "fastipirm", "seconds": 12.0}]}
-    figs = baselines._maximize_figures(record)
+    from bench import maximize
+    figs = maximize.figures(record)
     assert figs["maximize/fastipirm_seconds"] == {"value": 12.0, "higher_is_better": False}
     assert figs["maximize/fastipirm_over_official"]["value"] == pytest.approx(50.0)
 
@@ -349,7 +350,8 @@ def _fail_for(name):
 
 
 def test_loader_tiny_run():
-    loader = cli._import_bench("loader")
+    from bench import loader
+
     record = loader.run(_args(loader, [
         "--device", "cpu", "--out-sizes", "16", "--source-size", "24", "--num-images", "32",
         "--batch", "16", "--batches", "1", "--workers", "0", "--arch", "resnet18", "--width", "4",
@@ -370,12 +372,105 @@ def test_loader_tiny_run():
 def test_cpu_ratio_interleaves_both_backends():
     if "cpu" not in available_backends("cpu"):
         pytest.skip("the C++ extension is not built")
-    cpu_ratio = cli._import_bench("cpu_ratio")
-    rows = cpu_ratio.main(["--batch", "24", "--dim", "8", "--envs", "3", "--rounds", "3",
-                           "--threads", "1", "--no-save"])
+    from bench import cpu_ratio
+    rows = cpu_ratio.run(_args(cpu_ratio, ["--batch", "24", "--dim", "8", "--envs", "3",
+                                           "--rounds", "3", "--threads", "1"]))["rows"]
     assert [r["mode"] for r in rows] == ["hard", "soft"]
     for r in rows:
         assert len(r["rounds"]) == 3
         assert all(x["torch"] > 0 and x["cpu"] > 0 for x in r["rounds"])
         ratios = sorted(x["torch"] / x["cpu"] for x in r["rounds"])
         assert r["median_round_ratio"] == pytest.approx(ratios[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+
+
+def test_targets_apply_only_to_the_settings_they_were_set_for():
+    key = "maximize/fastipirm_seconds"
+    record = {"benchmark": "maximize", "rows": [{"impl": "fastipirm", "seconds": 30.0}],
+              "settings": {"num_samples": 26_250, "arch": "resnet50"}}
+    baseline = {"figures": {}, "targets": targets.bounds()}
+    assert not targets.applies(key, record) and baselines.compare(record, baseline) == []
+    record["settings"]["num_samples"] = 105_000
+    assert targets.applies(key, record)
+    assert baselines.compare(record, baseline) == [f"{key}: 30 is above its target 10"]
+    assert targets.report(record) == [f"target MISSED {key} = 30 (<= 10, gpu)"]
+    whole = {"benchmark": "all", "rows": [], "parts": {"maximize": record}, "estimate": {}}
+    assert targets.check(whole) == [(key, 30.0, False)]
+    assert "105,000" in targets.describe(key) and targets.applies("not/a/target", record)
+    cpu = targets.bounds("cpu")
+    assert set(cpu) == {f"cpu_ratio/B=512/D=128/M=16/threads=1/{m}/torch_over_cpu"
+                        for m in ("hard", "soft")}
+    assert all(b == {"min": targets.CPU_RATIO["min"]} for b in cpu.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m bench and gpu-check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_python_m_bench_help_from_the_repository_root():
+    run = subprocess.run([sys.executable, "-m", "bench", "kernels", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "usage: python -m bench kernels" in run.stdout
+    for option in ("--small", "--no-save", "--results-dir", "--plot", "--compare", "--accept"):
+        assert option in run.stdout
+    top = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and all(name in top.stdout for name in bcli.BENCHMARKS)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_gpu_check_refuses_without_cuda(capsys, tmp_path):
+    assert bcli.main(["gpu-check", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--allow-cpu" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_stops_a_hung_phase_and_keeps_to_its_budget(monkeypatch, capsys, tmp_path):
+    from bench import gpu_check
+
+    hang = gpu_check.Phase("hang", lambda mode, args: ["-c", "import time; time.sleep(60)"],
+                           {m: 1 for m in gpu_check.BUDGET}, lambda log, rec: "")
+    ok = gpu_check.Phase("ok", lambda mode, args: ["-c", "print('wrote nothing')"],
+                         {m: 30 for m in gpu_check.BUDGET}, lambda log, rec: "fine")
+    monkeypatch.setattr(gpu_check, "PHASES", (hang, ok))
+    monkeypatch.setattr(gpu_check, "_mode", lambda args: "cpu")
+    started = time.perf_counter()
+    assert bcli.main(["gpu-check", "--results-dir", str(tmp_path)]) == 1
+    assert time.perf_counter() - started < 30
+    (path,) = tmp_path.glob("gpu_check_*.json")
+    rows = {r["phase"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["hang"]["status"] == "timed out after 1 s" and rows["hang"]["rc"] is None
+    assert rows["ok"]["status"] == "ok" and rows["ok"]["key"] == "fine"
+    assert Path(rows["ok"]["log"]).read_text().endswith("wrote nothing\n")
+    assert bcli.main(["gpu-check", "--budget", "20", "--results-dir", str(tmp_path)]) == 1
+    assert "skipped: no time left" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the tiny CPU run of a CPU-only machine")
+def test_gpu_check_tiny_cpu_run(capsys, tmp_path):
+    """``gpu-check --allow-cpu``: every phase as a subprocess, records and logs in the results
+    directory, the table last (well under a minute)."""
+    assert bcli.main(["gpu-check", "--allow-cpu", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (path,) = tmp_path.glob("gpu_check_*.json")
+    record = json.loads(path.read_text())
+    assert record["mode"] == "cpu"
+    assert [r["phase"] for r in record["rows"]] == ["info", "check", "gpu-tests", "kernels",
+                                                    "step", "maximize"]
+    for r in record["rows"]:
+        assert r["status"] == "ok" and Path(r["log"]).exists(), r
+    records = {r["phase"]: json.loads(Path(r["record"]).read_text())["benchmark"]
+               for r in record["rows"] if r["record"]}
+    assert records == {"kernels": "kernels", "step": "step", "maximize": "maximize"}
+    keys = {r["phase"]: r["key"] for r in record["rows"]}
+    assert keys["check"] == "all backends agree with the reference"
+    assert "skipped" in keys["gpu-tests"] and "P=2: fastipirm" in keys["step"]
+    table = out[out.index("gpu-check (cpu run"):]
+    assert "phase" in table and "maximize" in table and f"wrote {path}" in out

@@ -11,11 +11,9 @@ from bench import maximize as bmax
 from bench import step as bstep
 from bench.official_step import OfficialStep, train_env_loss
 from fastipirm.config import Config
+from fastipirm.losses import maximization_objective, memberships_from_logits, minimization_loss
+from fastipirm.methods import MethodContext, TrainStep, build_method
 from fastipirm.models import SimCLRModel
-from fastipirm.objectives.ipirm import (maximization_objective, memberships_from_logits,
-                                        minimization_loss)
-from fastipirm.train import TrainStep, make_train_step
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,7 +121,8 @@ def test_official_auto_split_stop_rule_and_steps():
 
 
 def test_train_step_is_the_inline_step_it_replaced():
-    """``TrainStep`` = forward per view, one ``minimization_loss``, backward, Adam: bit for bit."""
+    """The IP-IRM method's step (``build_method("ipirm", ...)``, a ``TrainStep``) = forward per
+    view, one ``minimization_loss``, backward, Adam: bit for bit."""
     torch.manual_seed(0)
     a = SimCLRModel("resnet18", feature_dim=8, width=2, hidden_dim=8)
     b = copy.deepcopy(a)
@@ -142,14 +141,17 @@ def test_train_step_is_the_inline_step_it_replaced():
     opt_b = torch.optim.Adam(b.parameters(), lr=1e-3, weight_decay=1e-6)
     cfg = Config()
     cfg.model.channels_last = False
-    step = make_train_step(b, opt_b, cfg, device="cpu")
+    method = build_method("ipirm", MethodContext(cfg, b, opt_b, torch.device("cpu")))
+    step = method.train_step
     assert isinstance(step, TrainStep) and not step.scaler.is_enabled()
-    loss, parts = step(indices, v1, v2, partitions, 0.2)
+    method.partitions, method.penalty_weight = partitions, 0.2
+    loss, parts = method.step(indices, v1, v2)
     assert torch.equal(loss, ref.detach()) and not loss.requires_grad
     assert torch.equal(parts["penalty"], ref_parts["penalty"])
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    simclr, simclr_parts = step(indices, v1, v2, None, 0.2)     # plain SimCLR step
+    method.partitions = None
+    simclr, simclr_parts = method.step(indices, v1, v2)           # plain SimCLR step
     assert float(simclr_parts["penalty"]) == 0.0 and float(simclr) > 0
 
 
@@ -172,12 +174,12 @@ MAX_TINY = ["--device", "cpu", "--num-samples", "40", "--feature-batch", "16",
 
 @pytest.fixture(scope="module")
 def step_record():
-    return bstep.main(STEP_TINY + ["--variants", "official", "fastipirm", "simclr", "--no-save"])
+    return bstep.run(_parse(bstep, STEP_TINY + ["--variants", "official", "fastipirm", "simclr"]))
 
 
 @pytest.fixture(scope="module")
 def maximize_record():
-    return bmax.main(MAX_TINY + ["--no-save"])
+    return bmax.run(_parse(bmax, MAX_TINY))
 
 
 def test_step_benchmark_runs_on_cpu(step_record):
@@ -200,7 +202,7 @@ def test_step_benchmark_runs_on_cpu(step_record):
 
 
 def test_step_benchmark_reports_a_failed_compile(monkeypatch):
-    import fastipirm.train as trainmod
+    import fastipirm.methods.base as trainmod
 
     def broken(fn, **kw):
         def call(*a, **k):

@@ -10,7 +10,7 @@ from fastipirm import train as trainmod
 from fastipirm.checkpoint import (capture_rng, config_from_checkpoint, load_checkpoint,
                                   restore_rng)
 from fastipirm.config import MOVED, load_config
-from test_train import Killed, tiny_config
+from test_train import tiny_config, train_killed_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,14 +51,7 @@ def test_first_format_checkpoint_resumes_exactly(tmp_path):
     cfg_path = tiny_config(tmp_path)
     sets = ["train.epochs=2", "eval.knn_every=0", "partition.maximize_iter=1"]
     trainmod.train(load_config(cfg_path, sets + ["run.name=full"]), log=lambda *a: None)
-    cut = load_config(cfg_path, sets + ["run.name=cut"])
-
-    def kill(epoch, state):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        trainmod.train(cut, log=lambda *a: None, on_epoch_end=kill)
+    train_killed_after(load_config(cfg_path, sets + ["run.name=cut"]), 1)
     path = tmp_path / "runs" / "cut" / "checkpoint.pt"
     torch.save(_as_first_format(torch.load(path, weights_only=False)), path)
     assert config_from_checkpoint(path).method.name == "ipirm"

@@ -3,6 +3,7 @@ against ``torch.func.vjp`` of the glue itself, over every penalty variant and th
 import pytest
 import torch
 
+from fastipirm.ops import EnvContrastiveSpec
 from fastipirm.ops.fused import Setup, glue_cotangents, glue_g_acc, glue_out, glue_rc
 
 
@@ -45,19 +46,19 @@ def test_closed_form_cotangents_match_vjp(seed, penalty, soft, nonorm, case, tem
     n = 2 * b
     t1, t2 = temps
     w = _weights(b, m, soft, case)
-    st = Setup(w, soft, nonorm, penalty)
+    st = Setup(w, EnvContrastiveSpec(t1, t2, soft, penalty, nonorm))
     spos, mrow, zn, znt, acc, g_loss, g_pen, rho = _statistics(n, m, penalty, temps)
 
     def glue(zn_, znt_, spos_):
         znt_ = znt_ if t1 != t2 else zn_
-        loss, pen, _ = glue_out(st, zn_, znt_, acc, spos_, mrow, t1, t2)
-        return loss, pen, glue_rc(st, znt_, spos_, mrow, t2)
+        loss, pen, _ = glue_out(st, zn_, znt_, acc, spos_, mrow)
+        return loss, pen, glue_rc(st, znt_, spos_, mrow)
 
     (_, _, rc), vjp_fn = torch.func.vjp(glue, zn, znt, spos)
     want_zn, want_znt, want_spos = vjp_fn((g_loss, g_pen, rho))
-    g = glue_out(st, zn, znt, acc, spos, mrow, t1, t2)[2]
-    got_zn, got_znt, got_spos, none = glue_cotangents(st, zn, znt, spos, mrow, t1, t2, g, rc,
-                                                      g_loss, g_pen, rho)
+    g = glue_out(st, zn, znt, acc, spos, mrow)[2]
+    got_zn, got_znt, got_spos, none = glue_cotangents(st, zn, znt, spos, mrow, g, rc, g_loss,
+                                                      g_pen, rho)
     assert none is None
     if t1 == t2:
         got_zn, got_znt = got_zn + got_znt, torch.zeros_like(got_znt)
@@ -70,16 +71,16 @@ def test_closed_form_cotangents_match_vjp(seed, penalty, soft, nonorm, case, tem
 def test_closed_form_band_cotangent_matches_vjp(seed, penalty):
     b, m = 11, 3
     w = _weights(b, m, True, "random")
-    st = Setup(w, True, False, penalty)
+    st = Setup(w, EnvContrastiveSpec(0.5, 0.5, True, penalty))
     n, groups = 2 * b, st.group_weight.shape[1]
     spos = torch.randn(n, dtype=torch.float64)
     mrow = spos + 1.0
     zn = torch.rand(n, m, dtype=torch.float64)
     acc = torch.randn(st.nbands, n, groups, dtype=torch.float64)
     g_pen = torch.randn(m, dtype=torch.float64)
-    _, vjp_fn = torch.func.vjp(lambda a: glue_out(st, zn, zn, a, spos, mrow, 0.5, 0.5)[:2], acc)
+    _, vjp_fn = torch.func.vjp(lambda a: glue_out(st, zn, zn, a, spos, mrow)[:2], acc)
     (want,) = vjp_fn((torch.zeros(m, dtype=torch.float64), g_pen))
-    g = glue_out(st, zn, zn, acc, spos, mrow, 0.5, 0.5)[2]
+    g = glue_out(st, zn, zn, acc, spos, mrow)[2]
     torch.testing.assert_close(glue_g_acc(st, g, g_pen), want, rtol=1e-10, atol=1e-12)
 
 
@@ -97,19 +98,19 @@ def test_closed_form_weight_gradient_matches_vjp(seed, penalty, nonorm, case, te
     if case == "one":
         w[5, 1] = 0.0                # and a row with zero weight in a non-empty environment
     spos, mrow, zn, znt, acc, g_loss, g_pen, rho = _statistics(n, m, penalty, temps)
+    spec = EnvContrastiveSpec(t1, t2, True, penalty, nonorm)
 
     def glue(zn_, znt_, spos_, w_):
-        st_ = Setup(w_, True, nonorm, penalty)
+        st_ = Setup(w_, spec)
         znt_ = znt_ if t1 != t2 else zn_
-        loss, pen, _ = glue_out(st_, zn_, znt_, acc, spos_, mrow, t1, t2)
-        return loss, pen, glue_rc(st_, znt_, spos_, mrow, t2)
+        loss, pen, _ = glue_out(st_, zn_, znt_, acc, spos_, mrow)
+        return loss, pen, glue_rc(st_, znt_, spos_, mrow)
 
     (_, _, rc), vjp_fn = torch.func.vjp(glue, zn, znt, spos, w)
     want = vjp_fn((g_loss, g_pen, rho))
-    st = Setup(w, True, nonorm, penalty)
-    g = glue_out(st, zn, znt, acc, spos, mrow, t1, t2)[2]
-    got = list(glue_cotangents(st, zn, znt, spos, mrow, t1, t2, g, rc, g_loss, g_pen, rho,
-                               acc=acc))
+    st = Setup(w, spec)
+    g = glue_out(st, zn, znt, acc, spos, mrow)[2]
+    got = list(glue_cotangents(st, zn, znt, spos, mrow, g, rc, g_loss, g_pen, rho, acc=acc))
     if t1 == t2:
         got[0], got[1] = got[0] + got[1], torch.zeros_like(got[1])
     for x, y in zip(got, want):

@@ -13,7 +13,7 @@ from fastipirm.config import Config, load_config
 from fastipirm.losses import nt_xent
 from fastipirm.methods import METHODS, MethodContext, SimCLR, build_method
 from fastipirm.models import SimCLRModel
-from test_train import Killed, tiny_config
+from test_train import tiny_config, train_killed_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,14 +85,7 @@ def test_a_new_method_runs_on_the_unchanged_loop(tmp_path, monkeypatch):
     cfg_path = tiny_config(tmp_path)
     sets = ["method.name=counting", "train.epochs=3", "eval.knn_every=0"]
     full = trainmod.train(load_config(cfg_path, sets + ["run.name=full"]), log=lambda *a: None)
-
-    def kill(epoch, state):
-        if epoch == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        trainmod.train(load_config(cfg_path, sets + ["run.name=cut"]), log=lambda *a: None,
-                       on_epoch_end=kill)
+    train_killed_after(load_config(cfg_path, sets + ["run.name=cut"]), 2)
     resumed = trainmod.train(load_config(cfg_path, sets + ["run.name=cut"]),
                              resume=str(tmp_path / "runs" / "cut"), log=lambda *a: None)
     assert full["kind"] == resumed["kind"] == "Counting" and "partitions" not in full

@@ -10,8 +10,8 @@ import torch
 
 from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, make_inputs, op_kwargs,
                              outputs_and_grads, relative_error)
-from fastipirm.ops import (PENALTIES, available_backends, env_contrastive_loss,
-                           env_contrastive_loss_reference)
+from fastipirm.ops import (PENALTIES, EnvContrastiveSpec, available_backends,
+                           env_contrastive_loss, env_contrastive_loss_reference)
 
 BACKENDS = [b for b in available_backends("cpu") if b != "triton"]  # triton: test_triton_backend
 
@@ -130,7 +130,7 @@ def test_empty_environment_is_zero_with_zero_gradient():
 
 
 def test_uniform_soft_weights_reduce_to_ntxent():
-    """With equal weights the v2 soft loss is plain NT-Xent (spec section 5)."""
+    """With equal weights the v2 soft loss is plain NT-Xent (docs/official-ipirm.md#soft-loss)."""
     z1, z2, _ = make(Case(11, 8, 1, True, "slot"))
     soft, _ = env_contrastive_loss(z1, z2, torch.full((11, 1), 0.7), temperature=0.5,
                                    irm_temperature=0.5, soft=True)
@@ -197,6 +197,53 @@ def test_bool_memberships_are_accepted_in_hard_mode():
     a = env_contrastive_loss(z1, z2, w.bool(), **GOOD)
     b = env_contrastive_loss(z1, z2, w, **GOOD)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(temperature=0.0), "temperature must be a positive finite number"),
+    (dict(temperature=True), "temperature must be a positive number"),
+    (dict(irm_temperature=float("inf")), "irm_temperature"),
+    (dict(soft=1), "soft must be True or False"),
+    (dict(penalty="l2"), "unknown penalty"),
+])
+def test_spec_validates_its_options_once(options, match):
+    with pytest.raises(ValueError, match=match):
+        EnvContrastiveSpec(**{**GOOD, **options})
+
+
+def test_spec_is_frozen_and_flattens_in_the_custom_op_order():
+    spec = EnvContrastiveSpec(1, 0.5, True, "split", nonorm=1)
+    assert (spec.temperature, spec.nonorm) == (1.0, True)
+    assert type(spec.temperature) is float and spec.scalar is False and spec.split is True
+    assert spec.op_args() == (True, True, "split", 1.0, 0.5)
+    assert EnvContrastiveSpec.from_op_args(*spec.op_args()) == spec
+    with pytest.raises(AttributeError):
+        spec.soft = False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spec_argument_gives_the_keyword_result(backend):
+    z1, z2, w = make(Case(9, 8, 3, True, "split", nonorm=True))
+    kw = dict(temperature=0.4, irm_temperature=0.3, soft=True, penalty="split", nonorm=True)
+    a = env_contrastive_loss(z1, z2, w, backend=backend, **kw)
+    b = env_contrastive_loss(z1, z2, w, backend=backend, spec=EnvContrastiveSpec(**kw))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(TypeError, match="not both"):
+        env_contrastive_loss(z1, z2, w, temperature=0.4, spec=EnvContrastiveSpec(**kw))
+
+
+def test_registered_backend_receives_the_spec(monkeypatch):
+    from fastipirm.ops import backends
+    from fastipirm.ops.torch_backend import env_contrastive_loss_torch
+    seen = []
+
+    def impl(z1, z2, w, spec):
+        seen.append(spec)
+        return env_contrastive_loss_torch(z1, z2, w, spec)
+
+    monkeypatch.setitem(backends.BACKENDS, "spy", backends.Backend("spy", ("cpu",), lambda: impl))
+    env_contrastive_loss(*_inputs(), backend="spy", penalty="scalar", **GOOD)
+    assert seen == [EnvContrastiveSpec(0.5, 0.5, False, "scalar")]
 
 
 def test_explicit_unavailable_backend_is_an_error(monkeypatch):

@@ -133,20 +133,23 @@ class Killed(Exception):
     pass
 
 
+def train_killed_after(cfg, epoch: int) -> None:
+    """Train ``cfg`` and interrupt it right after the checkpoint of ``epoch``."""
+    def kill(e, state):
+        if e == epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        trainmod.train(cfg, log=lambda *a: None, on_epoch_end=kill)
+
+
 def test_kill_and_resume_is_exact(tmp_path):
     """A run interrupted after epoch 1 and resumed equals the uninterrupted run, bit for bit."""
     cfg_path = tiny_config(tmp_path)
     full = load_config(cfg_path, ["run.name=full"])
     trainmod.train(full, log=lambda *a: None)
 
-    cut = load_config(cfg_path, ["run.name=cut"])
-
-    def kill(epoch, state):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        trainmod.train(cut, log=lambda *a: None, on_epoch_end=kill)
+    train_killed_after(load_config(cfg_path, ["run.name=cut"]), 1)
     ckpt_path = tmp_path / "runs" / "cut" / "checkpoint.pt"
     assert load_checkpoint(ckpt_path)["epoch"] == 1
     assert cli.main(["train", "--resume", str(ckpt_path)]) == 0
@@ -362,14 +365,7 @@ def test_dali_pipeline_trains_and_resumes_exactly(tmp_path):
     cfg_path = tiny_config(tmp_path)
     sets = ["data.pipeline=dali", "train.epochs=3", "eval.knn_every=0"]
     trainmod.train(load_config(cfg_path, sets + ["run.name=full"]), log=lambda *a: None)
-
-    def kill(epoch, state):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        trainmod.train(load_config(cfg_path, sets + ["run.name=cut"]), log=lambda *a: None,
-                       on_epoch_end=kill)
+    train_killed_after(load_config(cfg_path, sets + ["run.name=cut"]), 1)
     assert cli.main(["train", "--resume", str(tmp_path / "runs" / "cut")]) == 0
     a = load_checkpoint(tmp_path / "runs" / "full")
     b = load_checkpoint(tmp_path / "runs" / "cut")

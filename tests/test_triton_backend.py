@@ -1,7 +1,8 @@
-"""Backend ``"triton"`` of env_contrastive_loss (kernels/env_contrastive.py).
+"""Backend ``"triton"`` of env_contrastive_loss (the kernels of fastipirm.kernels.env_contrastive,
+wrapped by fastipirm.ops.triton_backend).
 
 Two modes, chosen by ``TRITON_INTERPRET`` *before* this module imports Triton (Triton decides at
-decoration time whether a kernel is interpreted; shared/docs/conventions.md C4):
+decoration time whether a kernel is interpreted; docs/kernels.md#triton-interpreter):
 
 * default: this module imports the kernels with ``TRITON_INTERPRET=1`` (restoring the variable
   afterwards; the kernel module sets it again around each interpreted launch) and runs them in
@@ -30,7 +31,8 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 try:
     triton = pytest.importorskip("triton")
-    K = pytest.importorskip("kernels.env_contrastive")
+    K = pytest.importorskip("fastipirm.kernels.env_contrastive")
+    T = pytest.importorskip("fastipirm.ops.triton_backend")
 finally:
     if _saved is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -86,7 +88,7 @@ def reference(case, z1, z2, w, up, dtype=torch.float64):
 
 
 def triton_out(case, z1, z2, w, up, dtype=torch.float32):
-    return run(K.env_contrastive_loss_triton, z1, z2, w, case, up, dtype)
+    return run(T.env_contrastive_loss_triton, z1, z2, w, case, up, dtype)
 
 
 def check_fp32(case, seed, norms=None, min_weight=0.0, tol=1e-4):
@@ -185,7 +187,7 @@ def test_float64_inputs_are_computed_in_fp32_and_returned_as_float64(seed):
     case = Case(5, 16, 3, True, "slot")
     z1, z2, w = make(case)
     up = (torch.randn(case.envs), torch.randn(case.envs))
-    got = run(K.env_contrastive_loss_triton, z1, z2, w, case, up, torch.float64,
+    got = run(T.env_contrastive_loss_triton, z1, z2, w, case, up, torch.float64,
               wdtype=torch.float64)
     want = reference(case, z1, z2, w, up)
     for i, (name, g, r) in enumerate(zip(NAMES, got, want)):
@@ -206,7 +208,7 @@ def test_public_op_dispatches_to_triton(monkeypatch, seed):
     case = Case(6, 8, 2, True, "slot")
     z1, z2, w = make(case)
     a = env_contrastive_loss(z1, z2, w, backend="triton", **kwargs(case))
-    b = K.env_contrastive_loss_triton(z1, z2, w, **kwargs(case))
+    b = T.env_contrastive_loss_triton(z1, z2, w, **kwargs(case))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -250,7 +252,7 @@ def test_no_quadratic_buffer_in_forward_or_backward(soft, penalty):
     w.requires_grad_(soft)
     mode = Largest()
     with mode:  # the eager path: same kernels and glue, no opaque custom-op boundary
-        loss, pen = K.env_contrastive_loss_triton_eager(z1, z2, w, **kwargs(case))
+        loss, pen = T.env_contrastive_loss_triton_eager(z1, z2, w, **kwargs(case))
         (loss.sum() + pen.sum()).backward()
     assert 0 < mode.biggest[0] < n * n, mode.biggest
 
@@ -263,7 +265,7 @@ def test_eager_autograd_function_matches_custom_op(soft, penalty, t_irm, seed):
     z1, z2, w = make(case)
     up = (torch.randn(case.envs), torch.randn(case.envs))
     a = triton_out(case, z1, z2, w, up)
-    b = run(K.env_contrastive_loss_triton_eager, z1, z2, w, case, up, torch.float32)
+    b = run(T.env_contrastive_loss_triton_eager, z1, z2, w, case, up, torch.float32)
     for name, x, y in zip(NAMES, a, b):
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-9), f"{name} (seed {seed})"
 
@@ -274,18 +276,18 @@ def test_opcheck_custom_op(soft, penalty):
     z1, z2, w = make(Case(5, 8, 3, soft, penalty))
     args = (z1.requires_grad_(), z2.requires_grad_(), w.requires_grad_(soft), soft, False,
             penalty, 0.5, 0.4)
-    torch.library.opcheck(K._op_backend.forward_op, args)
+    torch.library.opcheck(T._op_backend.forward_op, args)
 
 
 @interp
 def test_training_step_compiles_fullgraph(seed):
-    check_compiled_step(K.env_contrastive_loss_triton)
+    check_compiled_step(T.env_contrastive_loss_triton)
 
 
 def test_too_wide_features_are_a_clear_error():
     z = torch.randn(3, K.MAX_D + 1)
     with pytest.raises(ValueError, match="feature dimensions up to"):
-        K.env_contrastive_loss_triton(z, z, torch.ones(3, 1), temperature=0.5,
+        T.env_contrastive_loss_triton(z, z, torch.ones(3, 1), temperature=0.5,
                                       irm_temperature=0.5, soft=False)
 
 
@@ -351,7 +353,7 @@ def test_gpu_peak_memory_is_linear():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    loss, pen = K.env_contrastive_loss_triton(z1, z2, w, **kwargs(case))
+    loss, pen = T.env_contrastive_loss_triton(z1, z2, w, **kwargs(case))
     (loss.sum() + pen.sum()).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
@@ -379,7 +381,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.env_contrastive as mod
+import fastipirm.kernels.env_contrastive as mod
 assert not mod.INTERPRETED
 arch = int(sys.argv[1])
 f32 = "*fp32"
@@ -419,7 +421,6 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(arch, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,9 +1,11 @@
 """Backend registry of ``env_contrastive_loss``: which implementations exist, which work here.
 
-A backend is a function with the signature of
-:func:`fastipirm.ops.torch_backend.env_contrastive_loss_torch` (inputs already validated).
-Backends register lazily: a loader is only called when the backend is first asked for, so a
-machine without Triton or without the compiled extension still imports the package.
+A backend is a function ``impl(z1, z2, env_weights, spec) -> (loss, penalty)``: the inputs
+already validated by the public op (``env_weights`` floating point), ``spec`` the call's options
+as one :class:`~fastipirm.ops.spec.EnvContrastiveSpec` (temperatures, soft, penalty, nonorm), as
+:func:`fastipirm.ops.torch_backend.env_contrastive_loss_torch`. Backends register lazily: a
+loader is only called when the backend is first asked for, so a machine without Triton or without
+the compiled extension still imports the package.
 
 Selection rules (the Liger-Kernel convention):
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from ..kernels.utils import is_interpreter, triton_available
 
 
 @dataclass
@@ -59,23 +63,18 @@ def _load_cuda():
     return load_cuda_backend()
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _load_triton():
-    import importlib.util
-    if importlib.util.find_spec("triton") is None:
+    if not triton_available():
         raise ImportError("the 'triton' package is not installed (pip install triton; it ships "
                           "with the CUDA builds of torch on Linux)")
-    if not _triton_interpret() and not torch.cuda.is_available():
+    if not is_interpreter() and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is available (set TRITON_INTERPRET=1 before importing "
                            "fastipirm to run the Triton kernels in the CPU interpreter, for tests)")
     try:
-        from kernels.env_contrastive import env_contrastive_loss_triton
+        from .triton_backend import env_contrastive_loss_triton
     except ImportError as exc:
-        raise ImportError(f"the Triton kernels (top-level package 'kernels' of the fastipirm "
-                          f"repository) cannot be imported: {exc}") from exc
+        raise ImportError(f"the Triton kernels (fastipirm.kernels) cannot be imported: "
+                          f"{exc}") from exc
     return env_contrastive_loss_triton
 
 
@@ -83,7 +82,7 @@ BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), _load_torch),
     "cpu": Backend("cpu", ("cpu",), _load_cpu),
     # CPU tensors only through the Triton interpreter (tests); never chosen automatically on CPU
-    "triton": Backend("triton", ("cuda", "cpu") if _triton_interpret() else ("cuda",),
+    "triton": Backend("triton", ("cuda", "cpu") if is_interpreter() else ("cuda",),
                       _load_triton),
     "cuda": Backend("cuda", ("cuda",), _load_cuda),
 }
@@ -91,7 +90,7 @@ BACKENDS: dict[str, Backend] = {
 # Preferred order when the backend is chosen automatically, per device type.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),   # triton vs cuda: the kernel benchmark decides
-    "cpu": ("cpu", "torch"),   # the C++ kernel: ~4x the torch backend (python -m bench.cpu)
+    "cpu": ("cpu", "torch"),   # the C++ kernel: 4-10x the torch backend (python -m bench cpu-ratio)
 }
 
 _warned: set[str] = set()
@@ -99,7 +98,11 @@ _warned: set[str] = set()
 
 def register_backend(name: str, devices: tuple[str, ...], loader: Callable[[], Callable],
                      auto_rank: Optional[dict[str, int]] = None) -> None:
-    """Add a backend; ``auto_rank`` maps a device type to its position in :data:`AUTO_ORDER`."""
+    """Add a backend; ``auto_rank`` maps a device type to its position in :data:`AUTO_ORDER`.
+
+    ``loader()`` returns the implementation, ``impl(z1, z2, env_weights, spec)`` (see the module
+    docstring), or raises with the reason it cannot run here.
+    """
     BACKENDS[name] = Backend(name, devices, loader)
     for device, rank in (auto_rank or {}).items():
         order = [b for b in AUTO_ORDER.get(device, ()) if b != name]

@@ -6,27 +6,26 @@ GEMM micro-kernels, a vectorised exponential, OpenMP over tile pairs with determ
 per-thread reductions, and a similarity tile cache: the row statistics store the tiles of
 ``F F^T`` and the three later kernels (forward band reduction, backward band reduction, gradients)
 read them, so one forward and backward compute the similarity once instead of four times. The
-cache is a fixed budget (``FASTIPIRM_CPU_SIM_CACHE_MB``, default 128 MiB, 0 disables it; 2B=2048
-needs 8.6 MiB in float32) saved from the forward to the backward; tiles beyond it are recomputed,
-so memory stays linear in the batch plus that constant. The O(N M) glue is the shared torch code of :mod:`fastipirm.ops.fused`, as
-for the Triton and CUDA backends. Registered as ``torch.library`` custom ops, so a training step
-with it compiles.
+cache is a fixed budget (``FASTIPIRM_CPU_SIM_CACHE_MB``, default 128 MiB, 0 disables it;
+2B=2048 needs 8.6 MiB in float32) saved from the forward to the backward; tiles beyond it are
+recomputed, so memory stays linear in the batch plus that constant. The O(N M) glue is the shared
+torch code of :mod:`fastipirm.ops.fused`, as for the Triton and CUDA backends. Registered as
+``torch.library`` custom ops, so a training step with it compiles.
 
 The extension is built by ``setup.py`` (``pip install --no-build-isolation -e .``) as
-``fastipirm._C``; when it is missing, :func:`load_extension` says so and
-``FASTIPIRM_JIT_BUILD=1`` compiles it on first use with ``torch.utils.cpp_extension.load``.
+``fastipirm._C`` with the flags of :mod:`fastipirm.ops.build`; when it is missing,
+:func:`load_extension` says so and ``FASTIPIRM_JIT_BUILD=1`` compiles it on first use with
+``torch.utils.cpp_extension.load``.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
+from .build import CPU_EXTENSION, import_extension
 from .fused import FusedKernels, register_fused_backend
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ["env_contrastive_cpu.cpp"]
 SIM_TILE = 64  # kTile of csrc/env_contrastive_cpu.cpp
 CACHE_ENV = "FASTIPIRM_CPU_SIM_CACHE_MB"
 DEFAULT_CACHE_MB = 128.0
@@ -48,44 +47,16 @@ def sim_cache_budget_mb() -> float:
 
 
 def sim_cache_tiles(n: int, element_size: int, budget_mb: float) -> int:
-    """How many of the unordered ``SIM_TILE`` tile pairs of an ``n``-row similarity fit the budget."""
+    """How many of the unordered ``SIM_TILE`` tile pairs of an ``n``-row similarity fit the
+    budget."""
     nt = -(-n // SIM_TILE)
     return min(nt * (nt + 1) // 2, int(budget_mb * 2**20) // (SIM_TILE * SIM_TILE * element_size))
 
 
-def cpu_compile_flags() -> list[str]:
-    """Compiler flags of the CPU kernel (``FASTIPIRM_PORTABLE=1`` drops ``-march=native``)."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if os.environ.get("FASTIPIRM_PORTABLE", "0") != "1":
-        flags.append("-march=native")
-    return flags
-
-
-def _jit_build():
-    from torch.utils.cpp_extension import load
-
-    sources = [str(CSRC / s) for s in CPU_SOURCES]
-    missing = [s for s in sources if not os.path.exists(s)]
-    if missing:
-        raise ImportError(f"cannot JIT-build the CPU kernel: sources missing: {missing}")
-    return load(name="fastipirm_cpu_ext", sources=sources, extra_cflags=cpu_compile_flags(),
-                extra_ldflags=["-fopenmp"], verbose=False)
-
-
 def load_extension():
     """Import the compiled extension (registers ``torch.ops.fastipirm_ext``); raise with the fix."""
-    if hasattr(torch.ops, "fastipirm_ext") and hasattr(torch.ops.fastipirm_ext, "rowstats"):
-        return torch.ops.fastipirm_ext
-    try:
-        from .. import _C  # noqa: F401  (built by setup.py)
-    except ImportError as exc:
-        if os.environ.get("FASTIPIRM_JIT_BUILD", "0") == "1":
-            _jit_build()
-        else:
-            raise ImportError(
-                "the C++ extension fastipirm._C is not built (" + str(exc) + "): install with "
-                "`pip install --no-build-isolation -e .`, or set FASTIPIRM_JIT_BUILD=1 to compile "
-                "it on first use") from exc
+    if not (hasattr(torch.ops, "fastipirm_ext") and hasattr(torch.ops.fastipirm_ext, "rowstats")):
+        import_extension(CPU_EXTENSION)
     return torch.ops.fastipirm_ext
 
 

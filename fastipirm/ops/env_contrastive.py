@@ -1,36 +1,24 @@
 """The public op: contrastive loss and IRM penalty for every environment column at once."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .backends import resolve_backend
-from .penalties import PENALTIES
+from .spec import EnvContrastiveSpec
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_temperature(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+# the keyword options of env_contrastive_loss and their defaults (a spec= replaces them all)
+_OPTION_DEFAULTS = dict(temperature=None, irm_temperature=None, soft=None, penalty="slot",
+                        nonorm=False)
 
 
 def _compiling() -> bool:
     return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
 
 
-def validate_inputs(z1, z2, env_weights, *, temperature, irm_temperature, soft, penalty,
-                    check_values: bool = True) -> None:
-    """Raise ``ValueError`` naming the problem with the op's inputs.
-
-    Value checks (weights in [0, 1] or exactly 0/1) read the tensor and so synchronise with the
-    device; they are skipped with ``check_values=False`` and while ``torch.compile`` traces.
-    """
+def _check_tensors(z1, z2, env_weights) -> None:
     for name, z in (("z1", z1), ("z2", z2), ("env_weights", env_weights)):
         if not isinstance(z, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
@@ -57,20 +45,17 @@ def validate_inputs(z1, z2, env_weights, *, temperature, irm_temperature, soft, 
     if z1.device != z2.device or env_weights.device != z1.device:
         raise ValueError(f"z1, z2 and env_weights must be on one device, got {z1.device}, "
                          f"{z2.device} and {env_weights.device}")
-    if soft and not env_weights.is_floating_point():
+
+
+def _check_weights(env_weights, spec: EnvContrastiveSpec, check_values: bool) -> None:
+    if spec.soft and not env_weights.is_floating_point():
         raise ValueError(f"soft env_weights must be floating point, got {env_weights.dtype}")
-    _check_temperature("temperature", temperature)
-    _check_temperature("irm_temperature", irm_temperature)
-    if not isinstance(soft, bool):
-        raise ValueError(f"soft must be True or False, got {soft!r}")
-    if penalty not in PENALTIES:
-        raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
     if not check_values or _compiling():
         return
     w = env_weights.detach()
     if w.is_floating_point() and not bool(torch.isfinite(w).all()):
         raise ValueError("env_weights contains NaN or infinite values")
-    if soft:
+    if spec.soft:
         if bool((w < 0).any()) or bool((w > 1).any()):
             raise ValueError(f"soft env_weights must lie in [0, 1] (probabilities); got values in "
                              f"[{w.min().item():.4g}, {w.max().item():.4g}]")
@@ -80,10 +65,34 @@ def validate_inputs(z1, z2, env_weights, *, temperature, irm_temperature, soft, 
                          "Pass soft=True for probabilities.")
 
 
+def _validated(z1, z2, env_weights, spec: Optional[EnvContrastiveSpec], options: dict,
+               check_values: bool) -> EnvContrastiveSpec:
+    """The inputs' structure, then the options (the spec), then the weights' values."""
+    _check_tensors(z1, z2, env_weights)
+    spec = EnvContrastiveSpec.of(spec, **options)
+    _check_weights(env_weights, spec, check_values)
+    return spec
+
+
+def validate_inputs(z1, z2, env_weights, *, temperature, irm_temperature, soft, penalty,
+                    check_values: bool = True) -> EnvContrastiveSpec:
+    """Raise ``ValueError`` naming the problem with the op's inputs; return their options as an
+    :class:`~fastipirm.ops.spec.EnvContrastiveSpec` (``nonorm=False``).
+
+    Value checks (weights in [0, 1] or exactly 0/1) read the tensor and so synchronise with the
+    device; they are skipped with ``check_values=False`` and while ``torch.compile`` traces.
+    """
+    options = dict(temperature=temperature, irm_temperature=irm_temperature, soft=soft,
+                   penalty=penalty)
+    return _validated(z1, z2, env_weights, None, options, check_values)
+
+
 def env_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
-                         temperature: float, irm_temperature: float, soft: bool,
+                         temperature: Optional[float] = None,
+                         irm_temperature: Optional[float] = None, soft: Optional[bool] = None,
                          backend: Optional[str] = None, penalty: str = "slot",
-                         nonorm: bool = False, check_values: bool = True
+                         nonorm: bool = False, check_values: bool = True,
+                         spec: Optional[EnvContrastiveSpec] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """SimCLR NT-Xent and IRM penalty of every environment column, in one call.
 
@@ -104,6 +113,10 @@ def env_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.
         nonorm: soft mode only: normalise the anchor-weighted loss by ``2B`` instead of the sum
             of the anchor weights (official ``--nonorm``). Ignored in hard mode.
         check_values: also check the weights' values (one device synchronisation).
+        spec: the options ``temperature``, ``irm_temperature``, ``soft``, ``penalty`` and
+            ``nonorm`` as one :class:`~fastipirm.ops.spec.EnvContrastiveSpec`, instead of the
+            keywords (passing both is a ``TypeError``). Either way the options are validated
+            once and the spec is what the backend receives.
 
     Returns:
         ``(loss, penalty)``, each of shape ``(M,)``; float32 for float16/bfloat16/float32 inputs,
@@ -121,16 +134,17 @@ def env_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.
     anchor-weighted mean normalised by the sum of anchor weights; ``penalty[m]`` the same
     per-slot penalty of that soft loss. Differentiable w.r.t. z1, z2 and env_weights.
 
-    Deviations from the official code: an empty environment (or an all-zero soft column) gives
-    loss 0 and penalty 0 with zero gradient where the official code gives NaN; a soft row whose
-    negatives all have weight 0 has a negative term of 0 instead of NaN.
+    Deviations from the official code (``docs/deviations.md#empty-environment``): an empty
+    environment (or an all-zero soft column) gives loss 0 and penalty 0 with zero gradient, where
+    the official code stops with an error (an all-zero soft column would give NaN); a soft row
+    whose negatives all have weight 0 has a negative term of 0 instead of NaN.
     """
-    validate_inputs(z1, z2, env_weights, temperature=temperature,
-                    irm_temperature=irm_temperature, soft=soft, penalty=penalty,
-                    check_values=check_values)
+    options = dict(temperature=temperature, irm_temperature=irm_temperature, soft=soft,
+                   penalty=penalty, nonorm=nonorm)
+    if spec is not None:   # only the keywords that were given conflict with spec=
+        options = {k: v for k, v in options.items() if v != _OPTION_DEFAULTS[k]}
+    spec = _validated(z1, z2, env_weights, spec, options, check_values)
     _, impl = resolve_backend(backend, z1.device)
     if not env_weights.is_floating_point():
         env_weights = env_weights.to(torch.float32)
-    return impl(z1, z2, env_weights, temperature=float(temperature),
-                irm_temperature=float(irm_temperature), soft=soft, penalty=penalty,
-                nonorm=bool(nonorm))
+    return impl(z1, z2, env_weights, spec)

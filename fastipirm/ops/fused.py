@@ -1,26 +1,33 @@
 """The O(N M) glue shared by the fused backends (Triton, C++ CPU, CUDA), around three kernels.
 
 A fused backend supplies the three kernels that touch the ``N x N`` similarity ``S = F F^T``
-(``F = [z1; z2]``, ``N = 2B``); everything else (kappa, norms, hard/soft, nonorm, split groups, the
-rank ``pos``, the scatter of the band sums to slots, the positive pair, the four penalty variants)
-is this module's torch glue, whose backward is in closed form (:func:`glue_g_acc`,
-:func:`glue_cotangents`; O(N M) work, no double backward, tested against ``torch.func.vjp`` of the
-glue). The mathematics and the notation are those of
-:mod:`fastipirm.ops.torch_backend`; the kernels' contract (``m_a`` a row shift, every exponential
-``E = exp((S - m_a)/T)`` on the negatives of the anchor row ``a``; bands ``lo/mid/hi`` = column below
-``i``, between ``i`` and ``i+B``, above ``i+B`` with ``i = a mod B``; ``K~ = E~ * S / T'``):
+(``F = [z1; z2]``, ``N = 2B``); everything else (kappa, norms, hard/soft, nonorm, split groups,
+the rank ``pos``, the scatter of the band sums to slots, the positive pair, the four penalty
+variants) is this module's torch glue, whose backward is in closed form (:func:`glue_g_acc`,
+:func:`glue_cotangents`; O(N M) work, no double backward, tested against ``torch.func.vjp`` of
+the glue). The weights-derived quantities and the penalty's assembly from the band sums are those
+of the ``"torch"`` backend (:mod:`fastipirm.ops.env_weights`, shared with it). The mathematics and
+the notation are those of :mod:`fastipirm.ops.torch_backend` (``docs/kernels.md#contract``); the
+kernels' contract (``m_a`` a row shift, every exponential ``E = exp((S - m_a)/T)`` on the
+negatives of the anchor row ``a``; bands ``lo/mid/hi`` = column below ``i``, between ``i`` and
+``i+B``, above ``i+B`` with ``i = a mod B``; ``K~ = E~ * S / T'``):
 
 * ``rowstats(feats, spos, w2, batch, t1, t2, two_t, cache) -> (mrow (N,), zn (N, M), znt (N, M))``:
   a row shift ``mrow`` with ``mrow_a >= spos_a`` and no exponential overflowing, ``zn = E W2`` at
   ``t1`` and ``znt = E~ W2`` at ``t2`` (``znt`` may be ``zn`` when ``two_t`` is false);
-* ``band(feats, mrow, fac, nb_out, batch, t2, trans, nb, cache) -> out (nb_out, N, G)``: with ``trans``
-  the column reductions ``out[b, c] = sum_a band_b(a, c) K~_ac fac[0, a]`` (forward), else the row
-  reduction ``out[0, a] = sum_c sum_b band_b(a, c) K~_ac fac[b, c]`` (backward); ``nb = 1``: the
-  whole negative mask is the single band (scalar penalties);
+* ``band(feats, mrow, fac, nb_out, batch, t2, trans, nb, cache) -> out (nb_out, N, G)``: with
+  ``trans`` the column reductions ``out[b, c] = sum_a band_b(a, c) K~_ac fac[0, a]`` (forward),
+  else the row reduction ``out[0, a] = sum_c sum_b band_b(a, c) K~_ac fac[b, c]`` (backward);
+  ``nb = 1``: the whole negative mask is the single band (scalar penalties);
 * ``grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw, cache) -> (df, gw)``:
   ``df_p = sum_q (dS_pq + dS_qp) F_q`` with, on negatives,
   ``dS_ac = E_ac/T (gZN W2^T)_ac + E~_ac/T' (gZN~ W2^T)_ac + E~_ac (1 + S_ac/T')/T'
-  sum_b band_b(a, c) (RC gACC_b^T)_ac``, and (``need_gw``) ``gw_c = sum_a E_ac gZN_a + E~_ac gZN~_a``.
+  sum_b band_b(a, c) (RC gACC_b^T)_ac``, and (``need_gw``)
+  ``gw_c = sum_a E_ac gZN_a + E~_ac gZN~_a``.
+
+The kernels take the temperatures as plain scalars (``t1 = temperature``, ``t2 =
+irm_temperature``, ``two_t`` whether they differ); the glue reads everything else from the
+call's :class:`~fastipirm.ops.spec.EnvContrastiveSpec`, which travels with the weights' setup.
 
 ``cache`` is the kernel set's similarity cache of one op call (:meth:`FusedKernels.sim_cache`, None
 for kernel sets without one, as on the GPU, where recomputing a tile is cheaper than storing it):
@@ -41,7 +48,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from .custom_ops import register_env_contrastive_op
-from .torch_backend import _Setup as _TorchSetup
+from .env_weights import Setup, penalty_cotangent, penalty_of, slot_gather, slot_gradient
+from .spec import EnvContrastiveSpec
 
 
 class FusedKernels(ABC):
@@ -94,19 +102,6 @@ class FusedKernels(ABC):
         """``(df, gw or None)``; reads ``cache``: see the module docstring."""
 
 
-class Setup(_TorchSetup):
-    """The torch backend's weights-derived O(N M) quantities, plus the number of penalty bands."""
-
-    def __init__(self, w: torch.Tensor, soft: bool, nonorm: bool, penalty: str):
-        super().__init__(w, soft, nonorm, penalty)
-        self.scalar = penalty in ("scalar", "scalar_split")
-        self.nbands = self.nbands_of(penalty)
-
-    @staticmethod
-    def nbands_of(penalty: str) -> int:
-        return 1 if penalty in ("scalar", "scalar_split") else 3
-
-
 def _z(e_pos, kappa, zn):
     z = e_pos[:, None] + kappa * zn
     return z.clamp_min(torch.finfo(z.dtype).tiny)
@@ -122,8 +117,9 @@ def _inv_group_z(st: Setup, zt):
     return torch.exp(-torch.log(zg))
 
 
-def glue_rc(st: Setup, znt, spos, mrow, t2):
+def glue_rc(st: Setup, znt, spos, mrow):
     """Row coefficients of the penalty's column reductions: ``gw * kappa / Z~`` (N, G)."""
+    t2 = st.spec.irm_temperature
     zt = _z(torch.exp((spos - mrow) / t2), st.kappa, znt)
     return st.group_weight * st.rep(st.kappa) * _inv_group_z(st, zt)
 
@@ -138,46 +134,27 @@ def _per_anchor(st: Setup, zn, spos, mrow, t1):
         torch.log(_z(torch.exp(y1[:, 0]), st.kappa, zn)) - y1)
 
 
-def glue_out(st: Setup, zn, znt, acc, spos, mrow, t1, t2):
+def glue_out(st: Setup, zn, znt, acc, spos, mrow):
     """``(loss, penalty, g)`` from the kernel statistics; ``g`` (G, slots) is the penalty's
-    gradient vector (the penalty is ``sum_s g^2`` per group, or the product of the two halves)."""
-    per_anchor = _per_anchor(st, zn, spos, mrow, t1)
+    gradient vector (:func:`fastipirm.ops.env_weights.penalty_of`)."""
+    per_anchor = _per_anchor(st, zn, spos, mrow, st.spec.temperature)
     loss = torch.where(st.total > 0, (st.w2 * per_anchor).sum(0) / st.norm.clamp_min(1e-30), 0.0)
-    return (loss, *glue_penalty(st, znt, acc, spos, mrow, t2))
+    return (loss, *glue_penalty(st, znt, acc, spos, mrow))
 
 
-def glue_penalty(st: Setup, znt, acc, spos, mrow, t2):
-    """``(penalty, g)``: the penalty part of :func:`glue_out` (the backward needs only ``g``)."""
+def glue_penalty(st: Setup, znt, acc, spos, mrow):
+    """``(penalty, g)``: the penalty part of :func:`glue_out` (the backward needs only ``g``):
+    the positive's slot from the statistics, the others from the band sums ``acc``."""
+    t2 = st.spec.irm_temperature
     e2pos = torch.exp((spos - mrow) / t2)
     zt = _z(e2pos, st.kappa, znt)
     p_pos_m1 = -st.rep(st.kappa * znt) * _inv_group_z(st, zt)                        # P_pos - 1
     g_pos = (st.group_weight * p_pos_m1 * (spos / t2)[:, None]).sum(0)             # (G,)
-    w2g = st.rep(st.w2)
-    if st.scalar:
-        g = (g_pos + (w2g * acc[0]).sum(0))[:, None]
-    else:
-        g = torch.zeros(st.group_weight.shape[1], st.slots, dtype=acc.dtype, device=acc.device)
-        for b, shift in enumerate((1, 0, -1)):
-            idx = (st.group_pos + shift).clamp(0, st.slots - 1)
-            g = g.scatter_add(1, idx.T, (w2g * acc[b]).T)
-        g[:, 0] += g_pos
-    if st.split:
-        pen = (g[:st.m] * g[st.m:]).sum(1)
-    else:
-        pen = (g * g).sum(1)
-    pen = torch.where(st.total > 0, pen, 0.0)
-    return pen, g
+    g = slot_gradient(st, acc, g_pos)
+    return penalty_of(st, g), g
 
 
-def _pen_dg(st: Setup, g, g_pen):
-    """``d pen / d g`` (G, slots) times the penalty cotangent ``g_pen`` (M,)."""
-    g_pen = torch.where(st.total > 0, g_pen, 0.0)[:, None]
-    if st.split:  # pen = sum_s g[:M] g[M:]
-        return torch.cat([g[st.m:] * g_pen, g[:st.m] * g_pen])
-    return 2.0 * g * g_pen
-
-
-def glue_cotangents(st: Setup, zn, znt, spos, mrow, t1, t2, g, rc, g_loss, g_pen, rho, acc=None):
+def glue_cotangents(st: Setup, zn, znt, spos, mrow, g, rc, g_loss, g_pen, rho, acc=None):
     """The glue's vjp in closed form: ``(g_zn, g_znt, g_spos, g_w)`` for the cotangents
     ``g_loss``, ``g_pen`` of the outputs and ``rho`` of ``rc`` (``g`` and ``rc`` the forward's
     values); ``g_w`` (B, M), the soft weights' gradient through the setup, when the band sums
@@ -191,7 +168,9 @@ def glue_cotangents(st: Setup, zn, znt, spos, mrow, t1, t2, g, rc, g_loss, g_pen
     ``Z~ = exp(y2) + q``, whose reciprocal's derivative is formed as ``-(1/Z~)(1/Z~)``, never
     ``1/Z~^2``.
     """
+    t1, t2 = st.spec.temperature, st.spec.irm_temperature
     tiny = torch.finfo(zn.dtype).tiny
+    gamma = penalty_cotangent(st, g, g_pen)                                     # (G, slots)
     # loss
     scale = torch.where(st.total > 0, g_loss / st.norm.clamp_min(1e-30), 0.0)
     cot_pa = st.w2 * scale                                                      # (N, M)
@@ -206,7 +185,7 @@ def glue_cotangents(st: Setup, zn, znt, spos, mrow, t1, t2, g, rc, g_loss, g_pen
     zt = e2[:, None] + st.kappa * znt
     izg = _inv_group_z(st, zt.clamp_min(tiny))                                   # (N, G)
     q = st.rep(st.kappa * znt)
-    d_g0 = _pen_dg(st, g, g_pen)[:, 0]                                           # (G,)
+    d_g0 = gamma[:, 0]                                                           # (G,)
     cot_p = st.group_weight * d_g0                                               # / t2 * spos
     g_spos = g_spos - (cot_p * q * izg).sum(1) / t2
     cot_p = cot_p * (spos / t2)[:, None]
@@ -226,7 +205,7 @@ def glue_cotangents(st: Setup, zn, znt, spos, mrow, t1, t2, g, rc, g_loss, g_pen
     cot_norm = -scale * (st.w2 * pa).sum(0) / norm                     # (M,)
     cot_gw = (rho * kappa_g - (spos / t2)[:, None] * d_g0 * q) * izg   # of group_weight (N, G)
     gnorm = st.group_norm.clamp_min(1e-30)
-    cot_w2g = cot_gw * st.group_mask / gnorm + (acc * _slot_gather(st, g, g_pen)).sum(0)
+    cot_w2g = cot_gw * st.group_mask / gnorm + (acc * _band_factors(st, gamma)).sum(0)
     cot_gnorm = -(cot_gw * st.group_weight).sum(0) / gnorm * (st.group_norm > 1e-30)
     if st.split:
         if not st.nonorm:  # group_norm = sum of the masked weights
@@ -250,19 +229,15 @@ def glue_g_acc(st: Setup, g, g_pen):
     (M,), in closed form: ``acc[b]`` enters ``g`` through a scatter-add to the slots
     ``group_pos + shift_b`` (a sum for the scalar penalties), so its cotangent is
     ``w2 * dpen/dg`` gathered back from those slots."""
-    return st.rep(st.w2) * _slot_gather(st, g, g_pen)
+    return st.rep(st.w2) * _band_factors(st, penalty_cotangent(st, g, g_pen))
 
 
-def _slot_gather(st: Setup, g, g_pen):
-    """``dpen/dg`` gathered from the slot of every (band, row, group): (nbands, N, G)."""
-    d_g = _pen_dg(st, g, g_pen)
-    if st.scalar:
-        return d_g[:, 0].expand(1, st.n, -1)
-    return torch.stack([d_g.gather(1, (st.group_pos + shift).clamp(0, st.slots - 1).T).T
-                        for shift in (1, 0, -1)])
+def _band_factors(st: Setup, gamma):
+    """``gamma = dpen/dg`` gathered from the slot of every (band, row, group): (nbands, N, G)."""
+    return torch.stack(slot_gather(st, gamma, st.nbands))
 
 
-def fused_forward(kern: FusedKernels, feats, w, soft, penalty, nonorm, t1, t2):
+def fused_forward(kern: FusedKernels, feats, w, spec: EnvContrastiveSpec):
     """Forward on ``feats = [z1; z2]`` (N, D) and weights ``w`` (B, M) in the statistics dtype.
 
     Returns ``(loss, penalty, saved)`` with ``saved = (mrow, zn, znt, acc, cache)``: the O(N M)
@@ -270,23 +245,23 @@ def fused_forward(kern: FusedKernels, feats, w, soft, penalty, nonorm, t1, t2):
     similarity cache (None without one).
     """
     batch = feats.shape[0] // 2
-    two_t = t1 != t2
+    t1, t2, two_t = spec.temperature, spec.irm_temperature, spec.two_temperatures
     with torch.no_grad(), kern.device(feats):
-        st = Setup(w, soft, nonorm, penalty)
+        st = Setup(w, spec)
         ff = feats.to(w.dtype)
         spos = (ff * ff.roll(batch, 0)).sum(1)
         cache = kern.sim_cache(feats)
         mrow, zn, znt = kern.rowstats(feats, spos, st.w2.contiguous(), batch, t1, t2, two_t,
                                       cache=cache)
-        rc = glue_rc(st, znt, spos, mrow, t2)
+        rc = glue_rc(st, znt, spos, mrow)
         acc = kern.band(feats, mrow, rc.unsqueeze(0).contiguous(), st.nbands, batch, t2, True,
                         st.nbands, cache=cache)
-        loss, pen, _ = glue_out(st, zn, znt, acc, spos, mrow, t1, t2)
+        loss, pen, _ = glue_out(st, zn, znt, acc, spos, mrow)
     return loss, pen, (mrow, zn, znt, acc, cache)
 
 
-def fused_backward(kern: FusedKernels, feats, w, saved, g_loss, g_pen, soft, penalty, nonorm,
-                   t1, t2, need_gw):
+def fused_backward(kern: FusedKernels, feats, w, saved, g_loss, g_pen, spec: EnvContrastiveSpec,
+                   need_gw):
     """Gradients ``(d_feats (N, D) in feats' dtype, d_w (B, M) or None)``.
 
     The O(N M) glue's vjp is in closed form (tested against ``torch.func.vjp`` of the glue): first
@@ -296,8 +271,8 @@ def fused_backward(kern: FusedKernels, feats, w, saved, g_loss, g_pen, soft, pen
     """
     mrow, zn, znt, acc, cache = saved
     batch = feats.shape[0] // 2
-    two_t = t1 != t2
-    need_gw = bool(soft and need_gw)
+    t1, t2, two_t = spec.temperature, spec.irm_temperature, spec.two_temperatures
+    need_gw = bool(spec.soft and need_gw)
     g_loss = g_loss.to(w.dtype)
     g_pen = g_pen.to(w.dtype)
     w_const = w.detach()
@@ -307,13 +282,13 @@ def fused_backward(kern: FusedKernels, feats, w, saved, g_loss, g_pen, soft, pen
         partner = ff.roll(batch, 0)
         spos = (ff * partner).sum(1)
         znt = znt if two_t else zn
-        st = Setup(w_const, soft, nonorm, penalty)
-        rc = glue_rc(st, znt, spos, mrow, t2)
-        g = glue_penalty(st, znt, acc, spos, mrow, t2)[1]
+        st = Setup(w_const, spec)
+        rc = glue_rc(st, znt, spos, mrow)
+        g = glue_penalty(st, znt, acc, spos, mrow)[1]
         g_acc = glue_g_acc(st, g, g_pen).contiguous()
         rho = kern.band(feats, mrow, g_acc, 1, batch, t2, False, st.nbands, cache=cache)[0]
-        g_zn, g_znt, g_spos, g_w = glue_cotangents(st, zn, znt, spos, mrow, t1, t2, g, rc, g_loss,
-                                                   g_pen, rho, acc=acc if need_gw else None)
+        g_zn, g_znt, g_spos, g_w = glue_cotangents(st, zn, znt, spos, mrow, g, rc, g_loss, g_pen,
+                                                   rho, acc=acc if need_gw else None)
         if not two_t:  # one statistic in both roles: one cotangent
             g_zn = g_zn + g_znt
         g_zn = g_zn.contiguous()
@@ -336,35 +311,35 @@ class FusedFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kern, feats, w, soft, penalty, nonorm, t1, t2):
-        loss, pen, saved = fused_forward(kern, feats, w, soft, penalty, nonorm, t1, t2)
+    def forward(ctx, kern, feats, w, spec):
+        loss, pen, saved = fused_forward(kern, feats, w, spec)
         ctx.save_for_backward(feats, w, *saved)
-        ctx.cfg = (kern, soft, penalty, nonorm, t1, t2)
+        ctx.cfg = (kern, spec)
         return loss, pen
 
     @staticmethod
     def backward(ctx, g_loss, g_pen):
         feats, w, *saved = ctx.saved_tensors
-        kern, soft, penalty, nonorm, t1, t2 = ctx.cfg
-        d_feats, d_w = fused_backward(kern, feats, w, saved, g_loss, g_pen, soft, penalty,
-                                      nonorm, t1, t2, ctx.needs_input_grad[2])
-        return (None, d_feats, None if d_w is None else d_w.to(w.dtype),
-                None, None, None, None, None)
+        kern, spec = ctx.cfg
+        d_feats, d_w = fused_backward(kern, feats, w, saved, g_loss, g_pen, spec,
+                                      ctx.needs_input_grad[2])
+        return None, d_feats, None if d_w is None else d_w.to(w.dtype), None
 
 
 def _out_dtype(kern: FusedKernels, z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else kern.stat_dtype(z.dtype)
 
 
-def fused_eager(kern: FusedKernels, z1, z2, env_weights, *, temperature: float,
-                irm_temperature: float, soft: bool, penalty: str = "slot", nonorm: bool = False):
-    """The fused op through :class:`FusedFunction` (plain eager autograd, no custom-op boundary)."""
+def fused_eager(kern: FusedKernels, z1, z2, env_weights, spec: EnvContrastiveSpec | None = None,
+                **options):
+    """The fused op through :class:`FusedFunction` (plain eager autograd, no custom-op boundary);
+    ``spec``, or the op's keyword options to build one."""
+    spec = EnvContrastiveSpec.of(spec, **options)
     kern.check(z1)
     w = env_weights.to(kern.stat_dtype(z1.dtype))
-    if not soft:
+    if not spec.soft:
         w = w.detach()
-    loss, pen = FusedFunction.apply(kern, kern.feats(z1, z2), w, bool(soft), penalty,
-                                    bool(nonorm), float(temperature), float(irm_temperature))
+    loss, pen = FusedFunction.apply(kern, kern.feats(z1, z2), w, spec)
     out = _out_dtype(kern, z1)
     return loss.to(out), pen.to(out)
 
@@ -373,11 +348,10 @@ def register_fused_backend(kern: FusedKernels):
     """The backend function of ``kern``: ``torch.library`` custom ops
     ``fastipirm::env_contrastive_<name>_{fwd,bwd}`` (fullgraph-compilable training steps)."""
 
-    def forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
+    def forward(z1, z2, w, spec):
         kern.check(z1)
         loss, pen, (mrow, zn, znt, acc, cache) = fused_forward(
-            kern, kern.feats(z1, z2), w.to(kern.stat_dtype(z1.dtype)), soft, penalty, nonorm,
-            temperature, irm_temperature)
+            kern, kern.feats(z1, z2), w.to(kern.stat_dtype(z1.dtype)), spec)
         if znt is zn:  # outputs of a custom op may not alias each other
             znt = zn.clone()
         if cache is None:  # outputs are tensors: an empty one stands for "no cache"
@@ -385,25 +359,22 @@ def register_fused_backend(kern: FusedKernels):
         out = _out_dtype(kern, z1)
         return loss.to(out), pen.to(out), [mrow, zn, znt, acc, cache]
 
-    def backward(z1, z2, w, saved, d_loss, d_pen, soft, nonorm, penalty, temperature,
-                 irm_temperature):
+    def backward(z1, z2, w, saved, d_loss, d_pen, spec):
         mrow, zn, znt, acc, cache = saved
-        if temperature == irm_temperature:
+        if not spec.two_temperatures:
             znt = zn
         d_feats, d_w = fused_backward(kern, kern.feats(z1, z2), w.to(kern.stat_dtype(z1.dtype)),
                                       (mrow, zn, znt, acc, cache if cache.numel() else None),
-                                      d_loss, d_pen, soft, penalty, nonorm, temperature,
-                                      irm_temperature, need_gw=soft)
+                                      d_loss, d_pen, spec, need_gw=spec.soft)
         b = z1.shape[0]
         return (d_feats[:b].to(z1.dtype), d_feats[b:].to(z2.dtype),
                 None if d_w is None else d_w.to(w.dtype))
 
-    def fake_saved(z1, z2, w, soft, nonorm, penalty):
+    def fake_saved(z1, z2, w, spec):
         n, m = 2 * z1.shape[0], w.shape[1]
-        groups = 2 * m if penalty in ("split", "scalar_split") else m
         sd = dict(dtype=kern.stat_dtype(z1.dtype))
         return [z1.new_empty(n, **sd), z1.new_empty(n, m, **sd), z1.new_empty(n, m, **sd),
-                z1.new_empty(Setup.nbands_of(penalty), n, groups, **sd),
+                z1.new_empty(Setup.nbands_of(spec.penalty), n, spec.groups(m), **sd),
                 z1.new_empty(kern.sim_cache_shape(n, sd["dtype"]), **sd)]
 
     return register_env_contrastive_op(kern.name, forward, backward, fake_saved)

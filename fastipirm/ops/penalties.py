@@ -15,3 +15,5 @@ Let ``g`` be the gradient of an environment's (soft) contrastive loss, on logits
 * ``"scalar_split"``: DomainBed's IRM exactly: scalar dummy, split-batch product.
 """
 PENALTIES = ("slot", "scalar", "split", "scalar_split")
+SCALAR_PENALTIES = ("scalar", "scalar_split")   # one dummy (one slot)
+SPLIT_PENALTIES = ("split", "scalar_split")     # even/odd row groups

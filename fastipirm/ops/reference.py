@@ -1,8 +1,9 @@
-"""Literal reference of the IP-IRM environment objective (the official construction, written plainly).
+"""Literal reference of the IP-IRM environment objective (the official construction, plainly).
 
 This is the oracle every backend is tested against. It follows the official code
 (Wangt-CN/IP-IRM ``utils.info_nce_loss``, ``utils.penalty``, ``info_nce_loss_update`` and
-``soft_contrastive_loss(mode='v2')``; see ``shared/docs/ipirm-spec.md`` sections 4-6) step by step:
+``soft_contrastive_loss(mode='v2')``; see ``docs/official-ipirm.md#nt-xent``, ``#soft-loss`` and
+``#penalty``) step by step:
 
 * hard mode: for every environment column, take the member samples (boolean selection, dynamic
   shapes), build the ``2b x (2b-1)`` logit matrix with the positive first and the negatives in
@@ -17,42 +18,56 @@ It loops over environments in Python, materialises every logit matrix and uses d
 slow on purpose. It runs in any floating dtype (float64 for tests, bf16/fp16 to measure what
 PyTorch's own error in that dtype is).
 
-Documented deviations from the official code (shared by every backend):
+Documented deviations from the official code (shared by every backend;
+``docs/deviations.md#empty-environment`` and ``#zero-negative-weight``):
 
 * an empty environment (hard) or an all-zero column (soft) gives loss 0 and penalty 0 with zero
-  gradient; the official code produces NaN;
+  gradient; the official code stops with an error on an empty environment (its logit
+  construction cannot reshape an empty matrix) and would give NaN for an all-zero soft column;
 * in soft mode, a row whose negatives all have weight 0 gets a negative term of 0 instead of the
   official ``0/0 = NaN``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from .penalties import PENALTIES
+from .penalties import PENALTIES, SCALAR_PENALTIES, SPLIT_PENALTIES
 
 
-def official_logits(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def official_logits(features: torch.Tensor, *, slots: bool = True, host_masks: bool = False
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``utils.info_nce_loss`` with T=1: raw cosine logits ``(n, n-1)``, positive first.
 
-    ``features`` is ``(n, D)`` with ``n = 2b``: view-1 block first, then view-2 block.
-    Also returns the in-batch sample index of the embedding in each slot (the official
-    ``info_nce_loss_update`` map), shape ``(n, n-1)``.
+    ``features`` is ``(n, D)`` with ``n = 2b``: view-1 block first, then view-2 block; the
+    negatives follow in ascending column order. Also returns the in-batch sample index of the
+    embedding in each slot (the official ``info_nce_loss_update`` map), shape ``(n, n-1)``, int64;
+    None with ``slots=False``. ``host_masks``: build the same-sample and diagonal masks on the
+    host and copy them to the device, as the official code does (same values; for baselines that
+    time the official construction).
     """
     n = features.shape[0]
     b = n // 2
-    sample = torch.cat([torch.arange(b), torch.arange(b)]).to(features.device)
-    same = sample[None, :] == sample[:, None]
+    device = features.device
+    sample = torch.cat([torch.arange(b), torch.arange(b)])
+    if host_masks:
+        same = (sample[None, :] == sample[:, None]).float().to(device)
+        off_diag = ~torch.eye(n, dtype=torch.bool).to(device)
+        same = same[off_diag].view(n, -1).bool()
+    else:
+        sample = sample.to(device)
+        same = sample[None, :] == sample[:, None]
+        off_diag = ~torch.eye(n, dtype=torch.bool, device=device)
+        same = same[off_diag].view(n, -1)
     sim = features @ features.T
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=features.device)
-    same = same[off_diag].view(n, -1)
     sim = sim[off_diag].view(n, -1)
-    cols = sample[None, :].expand(n, n)[off_diag].view(n, -1)
-    pos = sim[same].view(n, -1)
-    neg = sim[~same].view(n, -1)
-    pos_idx = cols[same].view(n, -1)
-    neg_idx = cols[~same].view(n, -1)
-    return torch.cat([pos, neg], dim=1), torch.cat([pos_idx, neg_idx], dim=1)
+    logits = torch.cat([sim[same].view(n, -1), sim[~same].view(n, -1)], dim=1)
+    if not slots:
+        return logits, None
+    cols = sample.to(device)[None, :].expand(n, n)[off_diag].view(n, -1)
+    return logits, torch.cat([cols[same].view(n, -1), cols[~same].view(n, -1)], dim=1)
 
 
 def _hard_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -82,8 +97,8 @@ def _penalty(loss_fn, scaled_logits: torch.Tensor, penalty: str) -> torch.Tensor
     ``loss_fn(logits, rows)`` evaluates the loss on a subset of rows.
     """
     n, slots = scaled_logits.shape
-    scalar = penalty in ("scalar", "scalar_split")
-    split = penalty in ("split", "scalar_split")
+    scalar = penalty in SCALAR_PENALTIES
+    split = penalty in SPLIT_PENALTIES
     dummy = torch.ones(1 if scalar else slots, dtype=scaled_logits.dtype,
                        device=scaled_logits.device, requires_grad=True)
     groups = [torch.arange(0, n, 2), torch.arange(1, n, 2)] if split else [torch.arange(n)]
@@ -136,7 +151,7 @@ def env_contrastive_loss_reference(z1: torch.Tensor, z2: torch.Tensor, env_weigh
                 losses.append(zero)
                 penalties.append(zero)
                 continue
-            logits, _ = official_logits(torch.cat([z1[members], z2[members]]))
+            logits, _ = official_logits(torch.cat([z1[members], z2[members]]), slots=False)
 
             def loss_fn(lg, rows):
                 return _hard_ce(lg)

@@ -6,7 +6,8 @@ similarity with the ``N x M`` weight matrix ``W2 = [w; w]`` (both views of every
 cost is a few ``N^2 (D + M)`` GEMMs however many environments there are.
 
 Notation (one environment; rows ``a`` and columns ``c`` index the concatenated views, sample
-``i = a mod B``, partner ``a' = (a + B) mod N``, negatives of ``a`` are all ``c`` not in ``{i, i+B}``):
+``i = a mod B``, partner ``a' = (a + B) mod N``, negatives of ``a`` are all ``c`` not in
+``{i, i+B}``):
 
 * ``Z_a = e^{x_aa'} + kappa_a * sum_c w_c e^{x_ac}`` with ``x = S / T``; ``kappa_a = 1`` in hard
   mode and ``(N-2) / sum_{c neg} w_c`` in soft mode (the official "v2" renormalisation);
@@ -32,7 +33,9 @@ Everything except the column sums is row-local, so forward and backward stream o
 rows (``chunk`` rows at a time, see :func:`chunk_rows`): the ``N x N`` matrices never exist
 whole, memory is ``O(chunk * N + N (D + M))`` and only the features, the weights and the slot
 gradients ``g`` are kept between forward and backward. The fused kernels implement the same
-formulas tile by tile.
+formulas tile by tile. What only depends on the weights (kappa, norms, ranks, row groups) and the
+assembly of the penalty from the band sums (scatter to slots, ``g`` -> penalty, ``Gamma``) are
+shared with the fused glue: :mod:`fastipirm.ops.env_weights`.
 """
 from __future__ import annotations
 
@@ -40,7 +43,9 @@ import os
 
 import torch
 
-_SHIFTS = (1, 0, -1)   # slot = pos + shift for the bands c < i, i < c < i+B, c > i+B
+from .env_weights import SHIFTS, Setup, penalty_cotangent, penalty_of, slot_gather, slot_gradient
+from .spec import EnvContrastiveSpec
+
 CHUNK_ELEMENTS = int(os.environ.get("FASTIPIRM_TORCH_CHUNK_ELEMENTS", 1 << 22))
 
 
@@ -71,58 +76,7 @@ class _Block:
         self.diag = col == rows[:, None]
 
 
-class _Setup:
-    """Everything that depends on the weights but not on the features (all ``O(N M)``)."""
-
-    def __init__(self, w: torch.Tensor, soft: bool, nonorm: bool, penalty: str):
-        batch, m = w.shape
-        n = 2 * batch
-        dtype, device = w.dtype, w.device
-        self.batch, self.n, self.m, self.soft = batch, n, m, soft
-        self.nonorm = soft and nonorm
-        self.w2 = torch.cat([w, w])                                         # (N, M)
-        if soft:
-            self.others = 2.0 * (w.double().sum(0, keepdim=True) - self.w2.double())
-            self.kappa = torch.where(self.others > 0, (n - 2) / self.others.clamp_min(1e-300),
-                                     0.0).to(dtype)
-            self.pos = torch.arange(n, device=device)[:, None].expand(n, m)
-        else:
-            self.kappa = torch.ones_like(self.w2)
-            self.pos = (torch.cumsum(self.w2, 0) - self.w2).round().long()  # rank among members
-        self.total = self.w2.sum(0)                                         # (M,)
-        self.norm = torch.full_like(self.total, float(n)) if self.nonorm else self.total
-        self.valid = (self.total > 0).to(dtype)
-        self.split = penalty in ("split", "scalar_split")
-        self.slots = 1 if penalty in ("scalar", "scalar_split") else n
-        self.reps = 2 if self.split else 1
-        if self.split:
-            parity = self.pos if not soft else torch.arange(n, device=device)[:, None].expand(n, m)
-            even = (parity % 2 == 0).to(dtype)
-            self.group_mask = torch.cat([even, 1.0 - even], 1)              # (N, 2M)
-            masked = self.w2.repeat(1, 2) * self.group_mask
-            self.group_norm = self.group_mask.sum(0) if self.nonorm else masked.sum(0)
-        else:
-            self.group_mask = torch.ones_like(self.w2)
-            self.group_norm = self.norm
-        self.w2g = self.rep(self.w2)                                        # (N, G)
-        self.kappag = self.rep(self.kappa)
-        self.group_weight = self.w2g * self.group_mask / self.group_norm.clamp_min(1e-30)
-        self.group_pos = self.rep(self.pos)
-
-    def rep(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, M) -> (N, G): one copy per row group."""
-        return t.repeat(1, self.reps) if self.reps > 1 else t
-
-    def fold(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, G) -> (N, M): sum the row groups' copies (the adjoint of :meth:`rep`)."""
-        return t[:, :self.m] + t[:, self.m:] if self.reps > 1 else t
-
-    def slot_index(self, shift: int) -> torch.Tensor:
-        """(N, G) slot of every column for one band (clamped: non-members carry zeros)."""
-        return (self.group_pos + shift).clamp(0, self.slots - 1)
-
-
-def _path(sim: torch.Tensor, blk: _Block, s: _Setup, temperature: float) -> dict:
+def _path(sim: torch.Tensor, blk: _Block, s: Setup, temperature: float) -> dict:
     """Shifted exponentials and the per-environment row normalisers of a row block."""
     x = sim / temperature
     shift = x.masked_fill(blk.diag, float("-inf")).amax(1)                 # (R,)
@@ -148,7 +102,7 @@ def _per_anchor(p: dict, kappa: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(ratio), torch.log1p(ratio), direct)
 
 
-def _blocks(feats: torch.Tensor, s: _Setup):
+def _blocks(feats: torch.Tensor, s: Setup):
     """Yield ``(block, similarity rows)`` over the rows of the ``N x N`` similarity."""
     step = chunk_rows(s.n)
     for r0 in range(0, s.n, step):
@@ -156,15 +110,16 @@ def _blocks(feats: torch.Tensor, s: _Setup):
         yield blk, feats[blk.rows] @ feats.T
 
 
-def forward_rows(feats, s: _Setup, temperature: float, irm_temperature: float):
+def forward_rows(feats, s: Setup):
     """The streamed part of the forward: ``(loss_sum (M,), g_pos (G,), col_sums [3 x (N, G)])``.
 
     ``loss_sum`` is ``sum_a w2 (log Z - x_pos)``, ``g_pos`` the positive slot's gradient and
     ``col_sums[b] = (K * band_b)^T @ rc`` the band column reductions of the penalty.
     """
+    temperature, irm_temperature = s.spec.temperature, s.spec.irm_temperature
     loss_sum = torch.zeros_like(s.total)
     g_pos = torch.zeros(s.w2g.shape[1], dtype=feats.dtype, device=feats.device)
-    col_sums = [torch.zeros_like(s.w2g) for _ in _SHIFTS]
+    col_sums = [torch.zeros_like(s.w2g) for _ in SHIFTS]
     for blk, sim in _blocks(feats, s):
         r = blk.rows
         p = _path(sim, blk, s, temperature)
@@ -181,26 +136,17 @@ def forward_rows(feats, s: _Setup, temperature: float, irm_temperature: float):
     return loss_sum, g_pos, col_sums
 
 
-def _forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature, rows=forward_rows):
-    """Loss, penalty and the slot gradients ``g``; ``rows`` is the streamed part (torch or C++)."""
+def _forward(z1, z2, w, spec: EnvContrastiveSpec):
+    """Loss, penalty and the slot gradients ``g``."""
     feats = torch.cat([z1, z2])
-    s = _Setup(w, soft, nonorm, penalty)
-    loss_sum, g_pos, col_sums = rows(feats, s, temperature, irm_temperature)
-    g = torch.zeros(s.w2g.shape[1], s.slots, dtype=feats.dtype, device=feats.device)
-    for acc, shift in zip(col_sums, _SHIFTS):
-        acc = s.w2g * acc
-        if s.slots == 1:
-            g[:, 0] += acc.sum(0)
-        else:
-            g = g.scatter_add(1, s.slot_index(shift).T, acc.T)
-    g[:, 0] += g_pos
+    s = Setup(w, spec)
+    loss_sum, g_pos, col_sums = forward_rows(feats, s)
+    g = slot_gradient(s, col_sums, g_pos)
     loss = s.valid * loss_sum / s.norm.clamp_min(1e-30)
-    pen = (g[:s.m] * g[s.m:]).sum(1) if s.split else (g * g).sum(1)
-    return loss, s.valid * pen, g
+    return loss, penalty_of(s, g), g
 
 
-def backward_rows(feats, s: _Setup, temperature: float, irm_temperature: float, d_loss, normc,
-                  col_factors, gamma0):
+def backward_rows(feats, s: Setup, d_loss, normc, col_factors, gamma0):
     """The streamed part of the backward (one pass over row blocks).
 
     Returns ``d_feats (N, D)`` and, in soft mode, the partial weight gradients: ``d_w2`` (N, M)
@@ -208,11 +154,12 @@ def backward_rows(feats, s: _Setup, temperature: float, irm_temperature: float, 
     ``d_gw`` (N, G), ``col_sums`` (3 x (N, G), as in the forward) and ``loss_sum`` (M,).
     """
     soft = s.soft
+    temperature, irm_temperature = s.spec.temperature, s.spec.irm_temperature
     d_feats = torch.zeros_like(feats)
     d_w2 = torch.zeros_like(s.w2)
     d_kappa = torch.zeros_like(s.w2)
     d_gw = torch.zeros_like(s.w2g)
-    col_sums = [torch.zeros_like(s.w2g) for _ in _SHIFTS] if soft else None
+    col_sums = [torch.zeros_like(s.w2g) for _ in SHIFTS] if soft else None
     loss_sum = torch.zeros_like(s.total)
     for blk, sim in _blocks(feats, s):
         r = blk.rows
@@ -270,28 +217,20 @@ def backward_rows(feats, s: _Setup, temperature: float, irm_temperature: float, 
     return d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum
 
 
-def _backward(z1, z2, w, g, d_loss, d_pen, soft, nonorm, penalty, temperature, irm_temperature,
-              rows=backward_rows):
+def _backward(z1, z2, w, g, d_loss, d_pen, spec: EnvContrastiveSpec):
     """Closed-form gradients w.r.t. z1, z2 and (soft) w, recomputing the similarity by rows."""
     feats = torch.cat([z1, z2])
-    s = _Setup(w, soft, nonorm, penalty)
-    batch = s.batch
+    s = Setup(w, spec)
+    batch, soft = s.batch, s.soft
     d_loss = d_loss * s.valid
-    d_pen = d_pen * s.valid
     normc = s.norm.clamp_min(1e-30)
-    if s.split:
-        gamma = torch.cat([g[s.m:] * d_pen[:, None], g[:s.m] * d_pen[:, None]])  # (G, slots)
-    else:
-        gamma = 2.0 * g * d_pen[:, None]
+    gamma = penalty_cotangent(s, g, d_pen)                                     # (G, slots)
     gamma0 = gamma[:, 0]
     # Gamma per band: the slot gradient seen by column c, as a column factor (N, G)
-    if s.slots == 1:
-        gammas = [gamma0.expand_as(s.w2g)] * 3
-    else:
-        gammas = [gamma.gather(1, s.slot_index(shift).T).T for shift in _SHIFTS]
+    gammas = slot_gather(s, gamma, len(SHIFTS))
     col_factors = [gam * s.w2g for gam in gammas]
-    d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum = rows(
-        feats, s, temperature, irm_temperature, d_loss, normc, col_factors, gamma0)
+    d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum = backward_rows(
+        feats, s, d_loss, normc, col_factors, gamma0)
     d_w = None
     if soft:
         if not s.nonorm:
@@ -317,10 +256,10 @@ class _EnvContrastive(torch.autograd.Function):
     """Forward and closed-form backward; saves only the inputs and the slot gradients."""
 
     @staticmethod
-    def forward(ctx, z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature):
-        loss, pen, g = _forward(z1, z2, w, soft, nonorm, penalty, temperature, irm_temperature)
+    def forward(ctx, z1, z2, w, spec):
+        loss, pen, g = _forward(z1, z2, w, spec)
         ctx.save_for_backward(z1, z2, w, g)
-        ctx.args = (soft, nonorm, penalty, temperature, irm_temperature)
+        ctx.spec = spec
         return loss, pen
 
     @staticmethod
@@ -331,18 +270,21 @@ class _EnvContrastive(torch.autograd.Function):
             d_loss = torch.zeros(m, dtype=g.dtype, device=g.device)
         if d_pen is None:
             d_pen = torch.zeros(m, dtype=g.dtype, device=g.device)
-        d_z1, d_z2, d_w = _backward(z1, z2, w, g, d_loss, d_pen, *ctx.args)
-        return d_z1, d_z2, d_w, None, None, None, None, None
+        d_z1, d_z2, d_w = _backward(z1, z2, w, g, d_loss, d_pen, ctx.spec)
+        return d_z1, d_z2, d_w, None
 
 
-def env_contrastive_loss_torch(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
-                               temperature: float, irm_temperature: float, soft: bool,
-                               penalty: str = "slot", nonorm: bool = False
+def env_contrastive_loss_torch(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor,
+                               spec: EnvContrastiveSpec | None = None, **options
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vectorised ``env_contrastive_loss`` (inputs already validated by the public op)."""
+    """Vectorised ``env_contrastive_loss`` (inputs already validated by the public op).
+
+    ``spec``, or the op's keyword options (``temperature``, ``irm_temperature``, ``soft``,
+    ``penalty``, ``nonorm``) to build one.
+    """
+    spec = EnvContrastiveSpec.of(spec, **options)
     dtype = _compute_dtype(z1.dtype)
     w = env_weights.to(dtype)
-    if not soft:
+    if not spec.soft:
         w = w.detach()
-    return _EnvContrastive.apply(z1.to(dtype), z2.to(dtype), w, soft, nonorm, penalty,
-                                 float(temperature), float(irm_temperature))
+    return _EnvContrastive.apply(z1.to(dtype), z2.to(dtype), w, spec)
