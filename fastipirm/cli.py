@@ -2,13 +2,17 @@
 
 Commands: ``check`` (every backend against the reference), ``info`` (versions, devices,
 backends), ``train`` (training from a TOML config, the method chosen by ``method.name``),
-``eval linear`` (linear probe of a checkpoint). Each command is a ``_cmd_<name>`` function with
-its arguments added in ``main``. The benchmarks are not part of the package: ``fastipirm bench``
-only says how to run them (``python -m bench`` in the repository).
+``eval linear`` / ``eval knn`` (linear probe / weighted kNN of a saved model), ``export`` (a
+saved model's encoder as a torchvision-named ``state_dict`` plus a JSON description). ``eval``
+and ``export`` read fastipirm checkpoints and the official IP-IRM checkpoints
+(:mod:`fastipirm.model_files`). Each command is a ``_cmd_<name>`` function with its arguments
+added in ``main``. The benchmarks are not part of the package: ``fastipirm bench`` only says how
+to run them (``python -m bench`` in the repository).
 
-Expected failures of ``train`` and ``eval`` (a bad config key, missing or corrupt data files, a
-diverged loss, an unreadable checkpoint) print one ``error:`` line and exit with status 2 (config)
-or 1 (the rest); set ``FASTIPIRM_DEBUG=1`` for the full traceback.
+Expected failures of ``train``, ``eval`` and ``export`` (a bad config key, missing or corrupt data
+files, a diverged loss, an unreadable checkpoint, a file in no accepted format) print one
+``error:`` line and exit with status 2 (config, file format) or 1 (the rest); set
+``FASTIPIRM_DEBUG=1`` for the full traceback.
 """
 from __future__ import annotations
 
@@ -112,12 +116,56 @@ def _cmd_eval_linear(args) -> int:
     from .eval.linear import linear_eval_checkpoint
 
     try:
-        linear_eval_checkpoint(args.checkpoint, overrides=args.set, epochs=args.epochs,
-                               fixed_bn=args.fixed_bn, augment=args.augment, device=args.device,
-                               progress=not args.no_progress)
+        linear_eval_checkpoint(args.checkpoint, config=args.config, overrides=args.set,
+                               epochs=args.epochs, fixed_bn=args.fixed_bn, augment=args.augment,
+                               device=args.device, progress=not args.no_progress)
     except _expected_errors() as exc:
         return _report(exc)
     return 0
+
+
+def _cmd_eval_knn(args) -> int:
+    from .eval.saved import knn_eval_checkpoint
+
+    try:
+        knn_eval_checkpoint(args.checkpoint, config=args.config, overrides=args.set, k=args.k,
+                            temperature=args.temperature, device=args.device)
+    except _expected_errors() as exc:
+        return _report(exc)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .model_files import export_backbone
+
+    try:
+        export_backbone(args.checkpoint, args.out, config=args.config, overrides=args.set)
+    except _expected_errors() as exc:
+        return _report(exc)
+    return 0
+
+
+CHECKPOINT_HELP = ("a fastipirm checkpoint (file or run directory) or an official IP-IRM "
+                   "checkpoint (model_<epoch>.pth, the official Model's state dict); also a "
+                   "SimCLRModel state dict or a backbone written by 'fastipirm export'")
+CONFIG_HELP = ("TOML config for a file without one (official checkpoints): data and evaluation "
+               "settings; the model shape is read from the weights (default: the default config, "
+               "the official STL-10 run). A fastipirm checkpoint uses its own config")
+EXPORT_DESCRIPTION = (
+    "Write the encoder of a saved model as a plain state_dict with torchvision's ResNet key "
+    "names (conv1.weight, bn1.*, layer1.0.conv1.weight, ..., no fc; contiguous CPU tensors) "
+    "and, beside it, a JSON with the architecture, the small-image stem (3x3 conv stride 1, no "
+    "max-pool), width, feature dimension, input normalisation and size, method, full config "
+    "and source checkpoint. It loads into torchvision's resnet18()/resnet50() after conv1 = "
+    "Conv2d(3, 64, 3, 1, 1, bias=False), maxpool = Identity(), fc = Identity().")
+SET_HELP = "override a config key (repeatable), e.g. --set "
+
+
+def _add_source(q, example: str) -> None:
+    q.add_argument("--checkpoint", required=True, metavar="PATH", help=CHECKPOINT_HELP)
+    q.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=SET_HELP + example)
 
 
 BENCH_LINE = ("fastipirm: the benchmarks are the bench/ folder of the repository (not installed "
@@ -156,7 +204,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = p.add_subparsers(dest="eval_command", required=True)
     q = esub.add_parser("linear", help="linear probe (official linear.py protocol)")
-    q.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    _add_source(q, "eval.linear_lr=0.01")
     q.add_argument("--epochs", type=int, help="probe epochs (default: eval.linear_epochs, 100)")
     q.add_argument("--fixed-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="encoder BN in eval mode while the probe trains; --no-fixed-bn: train "
@@ -164,11 +212,27 @@ def main(argv=None) -> int:
     q.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="train the probe on SSL-augmented views (official) or not "
                         "(default: the config's eval.linear_augment)")
-    q.add_argument("--device", help="cpu | cuda | cuda:N (default: the checkpoint's run.device)")
+    q.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's run.device)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a key of the checkpoint's config, e.g. eval.linear_lr=0.01")
     q.set_defaults(func=_cmd_eval_linear)
+    q = esub.add_parser("knn", help="weighted kNN monitor (the official test(): memory "
+                                    "data.memory_split, queries data.test_split)")
+    _add_source(q, "eval.batch_size=512")
+    q.add_argument("--k", type=int, help="neighbours (default: eval.k, 200)")
+    q.add_argument("--temperature", type=float,
+                   help="weight temperature (default: eval.knn_temperature, else "
+                        "train.temperature, 0.5)")
+    q.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's run.device)")
+    q.set_defaults(func=_cmd_eval_knn)
+
+    p = sub.add_parser("export", help="write a saved model's encoder as a torchvision-named "
+                                      "state_dict plus a JSON description",
+                       description=EXPORT_DESCRIPTION)
+    _add_source(p, "data.crop_size=96")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the state_dict file, e.g. backbone.pt (a folder: FOLDER/backbone.pt); "
+                        "the description goes beside it as backbone.json")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="says how to run the benchmarks (python -m bench, from the "
                                      "repository)")

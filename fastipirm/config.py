@@ -99,6 +99,7 @@ class RunConfig:
     threads: int = key(0, non_negative)  # CPU threads for torch (0 = torch's default)
     pretrain_model: str = ""             # initialise the model from this checkpoint/state_dict
     compare_baseline: bool = False       # also train the SimCLR baseline, print a comparison
+    compare_random: bool = False         # also evaluate the untrained network (same seed)
     log_every: int = key(50, positive)   # steps between host syncs (loss logging, NaN check)
     ckpt_every: int = key(25, positive)  # epochs between checkpoints (and always at the end)
     progress: bool = True                # tqdm progress bars
@@ -134,7 +135,12 @@ class DataConfig:
     label_factor: str = key("shape", one_of(DISCRETE_FACTORS))  # factor used as the label
     color_correlation: Optional[float] = key(None, non_negative, at_most(1.0))  # share of images
                                                    # whose color is tied to the shape (spurious)
+    eval_color_correlation: Optional[float] = key(None, non_negative, at_most(1.0))  # the same
+                                   # for every split but the pretraining one (None: the same value)
     noise: Optional[float] = key(None, non_negative)      # pixel noise std
+    num_shapes: int = key(0, non_negative)                # shapes in use (0: the first 5 of 8)
+    rotation: Optional[float] = key(None, non_negative, at_most(360.0))  # largest shape rotation
+                                                          # in degrees (0: upright; default 360)
     num_colors: int = key(0, non_negative)                # foreground colours in use
     num_backgrounds: int = key(0, non_negative)           # background colours in use
     shading: Optional[float] = key(None, non_negative)    # strongest background shading

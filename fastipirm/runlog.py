@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,9 +32,16 @@ def write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
 
+def interactive() -> bool:
+    """True when both standard streams are terminals: only then are progress bars drawn (in a
+    log file their carriage returns are noise; the trainer logs one line per epoch anyway)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar (``update``/``set_postfix``/``close``), or None when progress is off."""
-    if not enabled:
+    """A tqdm bar (``update``/``set_postfix``/``close``), or None when progress is off or the
+    output is not a terminal (:func:`interactive`)."""
+    if not (enabled and interactive()):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
@@ -127,23 +135,88 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def comparison_table(rows: list[tuple[str, dict]]) -> str:
-    """Label accuracy (kNN, linear final/best) per method, then kNN/linear per factor if any."""
-    lines = [f"{'method':<10} {'kNN top-1':>10} {'linear final':>13} {'linear best':>12}"]
+def _pair(r: dict) -> str:
+    return f"{_fmt(r.get('knn_top1'))} / {_fmt(r.get('linear_top1'))}" if r else "-"
+
+
+def comparison_table(rows: list[tuple[str, dict]], label_factor: str = "") -> str:
+    """The label accuracy of each run (kNN, final and best linear probe), a line naming the best
+    run, then kNN / linear per generative factor when the data has factors. ``rows``:
+    ``(label, summary)``; a row labelled ``random init`` is the untrained reference."""
+    width = max(12, *(len(label) + 2 for label, _ in rows))
+    lines = [f"{'method':<{width}}{'kNN top-1':>10} {'linear final':>13} {'linear best':>12}"]
     for label, s in rows:
         lin = s.get("linear") or {}
-        lines.append(f"{label:<10} {_fmt(s.get('knn_top1')):>10} "
+        lines.append(f"{label:<{width}}{_fmt(s.get('knn_top1')):>10} "
                      f"{_fmt(lin.get('final_top1')):>13} {_fmt(lin.get('best_top1')):>12}")
+    lines.append(_verdict(rows, label_factor))
     factors = list(rows[0][1].get("factors") or {})
     if factors:
-        lines.append("")
-        lines.append(f"{'factor':<12} {'classes':>7} " + " ".join(
-            f"{label + ' kNN':>12} {label + ' lin':>12}" for label, _ in rows))
+        lines += ["", "per generative factor, kNN / linear top-1 (%):",
+                  f"{'factor':<12}{'classes':>8}" + "".join(f"{label:>16}" for label, _ in rows)]
         for f in factors:
-            cells = []
-            for _, s in rows:
-                r = (s.get("factors") or {}).get(f, {})
-                cells.append(f"{_fmt(r.get('knn_top1')):>12} {_fmt(r.get('linear_top1')):>12}")
             classes = rows[0][1]["factors"][f]["num_classes"]
-            lines.append(f"{f:<12} {classes:>7} " + " ".join(cells))
+            lines.append(f"{f:<12}{classes:>8}" + "".join(
+                f"{_pair((s.get('factors') or {}).get(f, {})):>16}" for _, s in rows))
     return "\n".join(lines)
+
+
+def _verdict(rows: list[tuple[str, dict]], label_factor: str) -> str:
+    """Which run is best on the label by kNN and by linear probe, and by how much it beats the
+    untrained network."""
+    def score(s, key):
+        return s.get("knn_top1") if key == "kNN" else (s.get("linear") or {}).get("final_top1")
+
+    what = f" ({label_factor})" if label_factor else ""
+    parts = []
+    for key in ("kNN", "linear"):
+        scored = [(score(s, key), label) for label, s in rows if score(s, key) is not None]
+        if not scored:
+            continue
+        best, winner = max(scored)
+        text = f"{key}: {winner} ({best:.2f})"
+        init = next((score(s, key) for label, s in rows if label == "random init"), None)
+        if init is not None and winner != "random init":
+            text += f", {best - init:+.2f} over random init"
+        parts.append(text)
+    return f"best on the label{what}: " + "; ".join(parts) if parts else ""
+
+
+def plot_comparison(rows: list[tuple[str, dict]], path: Path, title: str) -> bool:
+    """One figure for a comparison: kNN top-1 over epochs of each trained run (the untrained
+    network as a dashed line) and the kNN / linear accuracy per generative factor as bars; False
+    without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    factors = list(rows[0][1].get("factors") or {})
+    fig, axes = plt.subplots(1, 3 if factors else 1, figsize=(16 if factors else 6, 4),
+                             squeeze=False)
+    ax = axes[0][0]
+    for label, s in rows:
+        curve = s.get("knn_curve") or []
+        if curve:
+            ax.plot(*zip(*curve), marker="o", label=label)
+        elif s.get("knn_top1") is not None:
+            ax.axhline(s["knn_top1"], linestyle="--", color="grey", label=label)
+    ax.set_title("kNN top-1 on the label (%)")
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=8)
+    for ax, key, name in ((axes[0][1], "knn_top1", "kNN"), (axes[0][2], "linear_top1", "linear")
+                          ) if factors else ():
+        step = 0.8 / len(rows)
+        for i, (label, s) in enumerate(rows):
+            values = [(s.get("factors") or {}).get(f, {}).get(key) or 0.0 for f in factors]
+            ax.bar([j + i * step for j in range(len(factors))], values, width=step, label=label)
+        ax.set_xticks([j + 0.4 - step / 2 for j in range(len(factors))], factors)
+        ax.set_title(f"{name} top-1 per generative factor (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

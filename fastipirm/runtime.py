@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .data import TwoViewBatches, choose_pipeline, load_dataset
+from .data import TwoViewAugment, TwoViewBatches, choose_pipeline, load_dataset
 from .models import SimCLRModel, load_pretrained
 
 AMP_MODES = ("bf16", "fp16", "none")
@@ -118,10 +118,12 @@ def load_split(cfg, split: str):
         if d.image_size:
             kwargs["image_size"] = d.image_size
         kwargs.update(seed=d.synthetic_seed, label_factor=d.label_factor)
-        for key in ("color_correlation", "noise", "shading"):
+        for key in ("color_correlation", "noise", "shading", "rotation"):
             if getattr(d, key) is not None:
                 kwargs[key] = getattr(d, key)
-        for key in ("num_colors", "num_backgrounds"):
+        if split != d.split and d.eval_color_correlation is not None:
+            kwargs["color_correlation"] = d.eval_color_correlation
+        for key in ("num_shapes", "num_colors", "num_backgrounds"):
             if getattr(d, key):
                 kwargs[key] = getattr(d, key)
     try:
@@ -145,6 +147,12 @@ def load_eval_splits(cfg, train_set, log: Callable[[str], None] = print):
             "linear evaluation are disabled")
         return None, None
     return memory, test
+
+
+def augmentation(cfg, device: torch.device) -> TwoViewAugment:
+    """The two-view augmentation of ``cfg`` (crop size and scale range) on ``device``."""
+    return TwoViewAugment(out_size=cfg.data.crop_size,
+                          scale=(cfg.data.crop_scale_min, 1.0)).to(device)
 
 
 def training_views(cfg, train_set, device: torch.device,

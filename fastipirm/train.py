@@ -1,6 +1,7 @@
 """The training loop, read top to bottom. ``fastipirm train --config configs/stl.toml`` calls
-:func:`run`, which calls :func:`train` (and trains the SimCLR baseline after it when
-``run.compare_baseline`` is set). :func:`train` runs, in this order:
+:func:`run`, which calls :func:`train` (then, for a comparison, trains the SimCLR baseline with
+``run.compare_baseline`` and evaluates the untrained network with ``run.compare_random``).
+:func:`train` runs, in this order:
 
 1. setup: device, seeds, threads (:mod:`fastipirm.runtime`);
 2. data: the pretraining split, the labelled evaluation splits, the two-view training batches;
@@ -33,10 +34,11 @@ import torch
 from . import runtime
 from .checkpoint import CHECKPOINT, FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .config import Config, write_config
-from .eval import RunEvaluation
+from .eval import RunEvaluation, evaluate_initialisation
 from .eval.linear import HISTORY_FIELDS
 from .methods import METHODS, MethodContext, build_method
-from .runlog import RunLog, comparison_table, plot_curves, progress_bar, write_csv, write_json
+from .runlog import (RunLog, comparison_table, plot_comparison, plot_curves, progress_bar,
+                     write_csv, write_json)
 from .runtime import TrainingDiverged
 from .seeding import Stream, derived_generator
 
@@ -178,6 +180,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
                "final_loss": history[-1]["loss"] if history else None,
                "knn_top1": next((h["knn_top1"] for h in reversed(history)
                                  if h.get("knn_top1") is not None), None),
+               "knn_curve": [[h["epoch"], h["knn_top1"]] for h in history
+                             if h.get("knn_top1") is not None],
                **method.summary()}
     final = evaluation.final(model)
     if "linear" in final:
@@ -203,18 +207,28 @@ def baseline_config(cfg: Config) -> Config:
 
 
 def run(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Train ``cfg``; with ``run.compare_baseline`` also the SimCLR baseline, then compare."""
+    """Train ``cfg``; with ``run.compare_baseline`` also the SimCLR baseline, with
+    ``run.compare_random`` also evaluate the untrained network; then print the comparison table
+    and draw the comparison figure."""
     start = time.perf_counter()
     summary = train(cfg, resume=resume, log=log)
-    if not cfg.run.compare_baseline or cfg.method.name == "simclr":
+    rows = [(METHODS[cfg.method.name].label, summary)]
+    if cfg.run.compare_baseline and cfg.method.name != "simclr":
+        rows.append(("SimCLR", train(baseline_config(cfg), log=log)))
+    if cfg.run.compare_random:
+        rows.append(("random init", evaluate_initialisation(cfg, log=log)))
+    if len(rows) == 1:
         log(f"done in {time.perf_counter() - start:.1f}s")
         return summary
-    base = train(baseline_config(cfg), log=log)
-    label = METHODS[cfg.method.name].label
-    table = comparison_table([(label, summary), ("SimCLR", base)])
-    log(f"\n{cfg.data.name}: {label} vs SimCLR (same data, model, epochs, seed)\n{table}")
-    both = {cfg.method.name: summary, "simclr": base, "table": table,
-            "seconds": time.perf_counter() - start}
-    write_json(Path(cfg.run.output_dir) / f"{cfg.run.name}_comparison.json", both)
+    names = " vs ".join(label for label, _ in rows)
+    table = comparison_table(rows, cfg.data.label_factor if cfg.data.name == "synthetic" else "")
+    log(f"\n{cfg.data.name}: {names} (same data, model, epochs, seed)\n{table}")
+    stem = Path(cfg.run.output_dir) / f"{cfg.run.name}_comparison"
+    if cfg.run.plot and plot_comparison(rows, stem.with_suffix(".png"), f"{cfg.run.name}: {names}"):
+        log(f"comparison figure: {stem.with_suffix('.png')}")
+    both = {("random_init" if label == "random init" else s.get("method", label)): s
+            for label, s in rows}
+    both.update(table=table, seconds=time.perf_counter() - start)
+    write_json(stem.with_suffix(".json"), both)
     log(f"done in {both['seconds']:.1f}s")
     return both

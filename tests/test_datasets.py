@@ -249,6 +249,19 @@ def test_synthetic_options():
     assert (few.factors["background"] == 0).all()
     with pytest.raises(ValueError, match="num_colors"):
         load_dataset("synthetic", "train", n=10, num_colors=9)
+    upright = load_dataset("synthetic", "train", n=800, num_shapes=8, rotation=0.0)
+    assert upright.num_classes == 8 and set(upright.labels.tolist()) == set(range(8))
+    assert (upright.factors["rotation"] == 0).all()
+    tilted = load_dataset("synthetic", "train", n=800, rotation=90.0)
+    assert 0 < tilted.factors["rotation"].max() <= np.pi / 2 + 1e-6
+    # the first five shapes and full rotation are the defaults: the same draws as before
+    np.testing.assert_array_equal(load_dataset("synthetic", "train", n=50).images,
+                                  load_dataset("synthetic", "train", n=50, num_shapes=5,
+                                               rotation=360.0).images)
+    with pytest.raises(ValueError, match="num_shapes"):
+        load_dataset("synthetic", "train", n=10, num_shapes=9)
+    with pytest.raises(ValueError, match="rotation"):
+        load_dataset("synthetic", "train", n=10, rotation=400.0)
     with pytest.raises(ValueError, match="label_factor"):
         load_dataset("synthetic", "train", n=10, label_factor="size")
     with pytest.raises(TypeError, match="takes no option"):

@@ -92,6 +92,7 @@ def read_metrics(run_dir):
 def test_full_tiny_run_through_the_cli(tmp_path, capsys):
     cfg = tiny_config(tmp_path, plot=True, linear=True)
     assert cli.main(["train", "--config", str(cfg), "--set", "run.compare_baseline=true",
+                     "--set", "run.compare_random=true",
                      "--set", "model.bn_splits=2"]) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "tiny"
@@ -120,7 +121,18 @@ def test_full_tiny_run_through_the_cli(tmp_path, capsys):
     assert all(not r.get("partitions") for r in base_rows)
     assert load_checkpoint(tmp_path / "runs" / "tiny_simclr")["method"] == {}
     assert "IP-IRM" in out and "SimCLR" in out and "kNN top-1" in out
-    assert "background" in out and "IP-IRM kNN" in out
+    # ... and the untrained network, as a row of the table and of the per-factor probes
+    table = out[out.index("IP-IRM vs SimCLR vs random init"):]
+    assert "best on the label (shape)" in table
+    rows = {line.split()[0]: line for line in table.splitlines() if line.strip()}
+    assert "random init" in table and "background" in rows and rows["background"].count("/") == 3
+    comparison = json.loads((tmp_path / "runs" / "tiny_comparison.json").read_text())
+    assert set(comparison) >= {"ipirm", "simclr", "random_init", "table"}
+    assert comparison["random_init"]["epochs"] == 0 and "shape" in comparison["random_init"][
+        "factors"]
+    assert [e for e, _ in comparison["ipirm"]["knn_curve"]] == [2, 4]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "runs" / "tiny_comparison.png").stat().st_size > 1000
     # linear probe of the checkpoint from the CLI
     assert cli.main(["eval", "linear", "--checkpoint", str(run_dir / "checkpoint.pt"),
                      "--epochs", "2", "--no-fixed-bn", "--augment", "--no-progress"]) == 0
@@ -318,6 +330,12 @@ def test_synthetic_options_reach_the_generator(tmp_path):
     assert set(train.factors["color"].tolist()) <= {0, 1}
     assert set(train.factors["background"].tolist()) == {0}
     assert (train.labels == train.factors["color"]).all()
+    # a spurious colour in the pretraining split only: independent in the others
+    cfg = load_config(tiny_config(tmp_path), ["data.color_correlation=1.0",
+                                              "data.eval_color_correlation=0.0"])
+    train, test = runtime.load_split(cfg, "train"), runtime.load_split(cfg, "test")
+    assert (train.factors["color"] == train.factors["shape"] % 8).all()
+    assert (test.factors["color"] != test.factors["shape"] % 8).mean() > 0.5
 
 
 def test_missing_data_gives_a_clear_error(tmp_path, capsys):
@@ -451,3 +469,19 @@ def test_pipeline_auto_is_dali_only_on_a_gpu(monkeypatch):
     assert choose_pipeline("auto", torch.device("cuda")) == "dali"
     monkeypatch.setattr(dali, "dali_available", lambda: (False, "not installed"))
     assert choose_pipeline("auto", torch.device("cuda")) == "torch"
+
+
+def test_progress_is_one_line_per_epoch_without_a_terminal(tmp_path, capfd, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    assert cli.main(["train", "--config", str(cfg), "--set", "run.progress=true",
+                     "--set", "train.epochs=2", "--set", "eval.knn_every=0"]) == 0
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == \
+        ["1/2", "2/2"]
+    from fastipirm import runlog
+    monkeypatch.setattr(runlog.sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(runlog.sys.stderr, "isatty", lambda: True, raising=False)
+    bar = runlog.progress_bar(True, 3, "x")
+    assert bar is not None and runlog.progress_bar(False, 3, "x") is None
+    bar.close()

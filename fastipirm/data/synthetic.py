@@ -37,7 +37,8 @@ import numpy as np
 
 from ..seeding import numpy_rng
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring")
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "half-disc", "tee")
+DEFAULT_SHAPES = 5   # the first five unless num_shapes says otherwise
 COLORS = np.array([  # saturated foregrounds
     [0.90, 0.10, 0.10], [0.10, 0.80, 0.10], [0.15, 0.30, 0.95], [0.95, 0.90, 0.10],
     [0.90, 0.15, 0.85], [0.10, 0.85, 0.90], [0.95, 0.55, 0.05], [0.95, 0.95, 0.95],
@@ -75,20 +76,38 @@ def _sdf_ring(u, v):  # annulus between radii 0.4 and 1.0
     return np.abs(np.sqrt(u * u + v * v) - 0.7) - 0.3
 
 
-_SDFS = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_cross, _sdf_ring)
+def _sdf_star(u, v):  # five-pointed, radius 0.55 to 1.0 (a distance along rays, not exact)
+    return np.sqrt(u * u + v * v) - (0.775 + 0.225 * np.cos(5.0 * np.arctan2(v, u)))
+
+
+def _sdf_half_disc(u, v):  # the half of the unit disc above v = -0.3
+    return np.maximum(np.sqrt(u * u + (v + 0.3) ** 2) - 1.0, -(v + 0.3))
+
+
+def _sdf_tee(u, v):  # a T: bar 2.0 x 0.6 on top of a 0.6-wide stem
+    au = np.abs(u)
+    bar = np.maximum(au - 1.0, np.abs(v - 0.6) - 0.3)
+    stem = np.maximum(au - 0.3, np.abs(v + 0.2) - 0.6)
+    return np.minimum(bar, stem)
+
+
+_SDFS = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_cross, _sdf_ring, _sdf_star,
+         _sdf_half_disc, _sdf_tee)
 
 
 def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int = 0,
                     color_correlation: float = 0.0, noise: float = 0.03,
                     num_colors: int = len(COLORS), num_backgrounds: int = len(BACKGROUNDS),
-                    shading: float = 0.3
+                    shading: float = 0.3, num_shapes: int = DEFAULT_SHAPES,
+                    rotation: float = 360.0
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render ``n`` images (n, image_size, image_size, 3) uint8 and return them with their factors.
 
     ``stream`` separates independent draws with the same seed (the splits use 0, 1, 2).
-    ``num_colors`` / ``num_backgrounds`` use the first entries of the palettes only; ``shading`` is
-    the largest amplitude of the background's linear shading (0 gives flat backgrounds).
-    Discrete factors are int64, continuous ones float32.
+    ``num_shapes`` / ``num_colors`` / ``num_backgrounds`` use the first entries of the shape list
+    and the palettes only; ``shading`` is the largest amplitude of the background's linear shading
+    (0 gives flat backgrounds); ``rotation`` the largest rotation of a shape in degrees (0: every
+    shape upright). Discrete factors are int64, continuous ones float32.
     """
     if n < 1 or image_size < 8:
         raise ValueError(f"synthetic: need n >= 1 and image_size >= 8, got n={n}, "
@@ -99,9 +118,13 @@ def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int 
     if not (1 <= num_colors <= len(COLORS) and 1 <= num_backgrounds <= len(BACKGROUNDS)):
         raise ValueError(f"synthetic: num_colors must be 1..{len(COLORS)} and num_backgrounds "
                          f"1..{len(BACKGROUNDS)}")
+    if not 2 <= num_shapes <= len(SHAPES):
+        raise ValueError(f"synthetic: num_shapes must be 2..{len(SHAPES)}, got {num_shapes}")
+    if not 0.0 <= rotation <= 360.0:
+        raise ValueError(f"synthetic: rotation must lie in [0, 360] degrees, got {rotation}")
     rng = numpy_rng(seed, stream)
     s = float(image_size)
-    shape = rng.integers(0, len(SHAPES), n)
+    shape = rng.integers(0, num_shapes, n)
     color = rng.integers(0, num_colors, n)
     tie = rng.random(n) < color_correlation
     color = np.where(tie, shape % num_colors, color)
@@ -114,7 +137,7 @@ def generate_shapes(n: int, *, image_size: int = 32, seed: int = 0, stream: int 
         "size": radius,
         "pos_x": (lo + (hi - lo) * rng.random(n)).astype(np.float32),
         "pos_y": (lo + (hi - lo) * rng.random(n)).astype(np.float32),
-        "rotation": rng.uniform(0, 2 * np.pi, n).astype(np.float32),
+        "rotation": (rng.uniform(0, 2 * np.pi, n) * (rotation / 360.0)).astype(np.float32),
         "bg_angle": rng.uniform(0, 2 * np.pi, n).astype(np.float32),
         "bg_strength": rng.uniform(0, shading, n).astype(np.float32),
     }
@@ -158,7 +181,8 @@ def _render(f: dict[str, np.ndarray], size: int, noise: float,
 def load_synthetic(split: str, *, n: int | None = None, image_size: int = 32, seed: int = 0,
                    label_factor: str = "shape", color_correlation: float = 0.0, noise: float = 0.03,
                    num_colors: int = len(COLORS), num_backgrounds: int = len(BACKGROUNDS),
-                   shading: float = 0.3
+                   shading: float = 0.3, num_shapes: int = DEFAULT_SHAPES,
+                   rotation: float = 360.0
                    ) -> tuple[np.ndarray, np.ndarray, int, dict[str, np.ndarray]]:
     """Images, labels (= ``factors[label_factor]``), number of classes and all factors of a split.
 
@@ -174,7 +198,7 @@ def load_synthetic(split: str, *, n: int | None = None, image_size: int = 32, se
                                       seed=seed, stream=stream,
                                       color_correlation=color_correlation, noise=noise,
                                       num_colors=num_colors, num_backgrounds=num_backgrounds,
-                                      shading=shading)
-    num_classes = {"shape": len(SHAPES), "color": num_colors,
+                                      shading=shading, num_shapes=num_shapes, rotation=rotation)
+    num_classes = {"shape": num_shapes, "color": num_colors,
                    "background": num_backgrounds}[label_factor]
     return images, factors[label_factor].copy(), num_classes, factors

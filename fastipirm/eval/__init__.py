@@ -4,8 +4,9 @@ from .factors import factor_datasets, factor_evaluation
 from .features import extract_features
 from .knn import knn_evaluate, knn_predict, topk_accuracy
 from .linear import linear_eval_checkpoint, linear_on_features, linear_probe
-from .suite import RunEvaluation
+from .saved import knn_eval_checkpoint
+from .suite import RunEvaluation, evaluate_initialisation
 
 __all__ = ["extract_features", "knn_predict", "topk_accuracy", "knn_evaluate",
            "linear_on_features", "linear_probe", "linear_eval_checkpoint", "factor_datasets",
-           "factor_evaluation", "RunEvaluation"]
+           "factor_evaluation", "RunEvaluation", "evaluate_initialisation", "knn_eval_checkpoint"]

@@ -21,11 +21,12 @@ from .linear import linear_on_features
 
 
 def factor_datasets(dataset) -> dict:
-    """``{factor: dataset labelled by it}`` for every discrete factor of a synthetic data set."""
+    """``{factor: dataset labelled by it}`` for every discrete factor of a synthetic data set that
+    takes more than one value."""
     out = {}
     for name, values in (getattr(dataset, "factors", None) or {}).items():
         values = np.asarray(values)
-        if values.dtype.kind in "iu":
+        if values.dtype.kind in "iu" and len(np.unique(values)) > 1:   # a constant: no probe
             out[name] = SimpleNamespace(images=dataset.images, labels=values.astype(np.int64),
                                         num_classes=int(values.max()) + 1,
                                         name=f"{dataset.name}[{name}]")

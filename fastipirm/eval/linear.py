@@ -14,7 +14,8 @@
   function of the image, so its features are computed once and the probe trains on them (the
   same result, much faster).
 * :func:`linear_on_features`: the same classifier and optimiser on precomputed features.
-* :func:`linear_eval_checkpoint`: ``fastipirm eval linear``, the probe of a saved run.
+* :func:`linear_eval_checkpoint`: ``fastipirm eval linear``, the probe of a saved model (a
+  fastipirm run or an official IP-IRM checkpoint).
 
 Randomness (classifier initialisation, shuffles, augmentation) derives from the run seed
 (:mod:`fastipirm.seeding`); the global generators are never touched.
@@ -24,20 +25,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import runtime
-from ..checkpoint import config_from_checkpoint, load_checkpoint
 from ..data import TwoViewAugment, eval_transform
 from ..models import set_batchnorm_mode
 from ..runlog import progress_bar, write_csv, write_json
 from ..seeding import Stream, derive_seed, derived_generator
 from .features import extract_features, images_of, labels_of
 from .knn import topk_accuracy
+from .saved import load_for_eval, results_folder, source_fields
 
 HISTORY_FIELDS = ["epoch", "train_loss", "top1", "top5"]
 
@@ -167,32 +167,32 @@ def linear_probe(encoder: torch.nn.Module, train_set, test_set, *, epochs: int =
             "seconds": time.perf_counter() - start}
 
 
-def linear_eval_checkpoint(checkpoint, *, overrides=None, epochs: Optional[int] = None,
-                           fixed_bn: Optional[bool] = None, augment: Optional[bool] = None,
-                           device: Optional[str] = None, progress: bool = True,
-                           log: Callable[[str], None] = print) -> dict:
-    """``fastipirm eval linear``: the linear probe of a trained checkpoint.
+def linear_eval_checkpoint(checkpoint, *, config=None, overrides=None,
+                           epochs: Optional[int] = None, fixed_bn: Optional[bool] = None,
+                           augment: Optional[bool] = None, device: Optional[str] = None,
+                           progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """``fastipirm eval linear``: the linear probe of a saved model.
 
-    The data set, model and probe settings come from the checkpoint's config (``[eval]``), with
-    ``overrides`` (``section.key=value``) and the explicit arguments on top. The result (without
-    the per-epoch history, which goes to ``linear_eval.csv``) is written next to the checkpoint
-    as ``linear_eval.json``.
+    ``checkpoint`` is any file :func:`fastipirm.model_files.load_model_file` reads: a fastipirm
+    checkpoint (file or run directory) or an official IP-IRM ``model_<epoch>.pth``, among others.
+    The data set and probe settings come from the checkpoint's config (``[eval]``); a file without
+    one (official) takes them from ``config`` (a TOML path; default: the default config, the
+    official STL-10 run, so the probe is the official ``linear.py`` protocol,
+    ``docs/official-ipirm.md#linear-probe``) and its model shape from its weights. ``overrides``
+    (``section.key=value``) and the explicit arguments go on top. The result (without the
+    per-epoch history, which goes to ``linear_eval.csv``) is written next to the checkpoint as
+    ``linear_eval.json``.
     """
-    cfg = config_from_checkpoint(checkpoint, overrides)
+    model, cfg, dev, mf = load_for_eval(checkpoint, config=config, overrides=overrides,
+                                        device=device, log=log)
     ev = cfg.eval
     epochs = ev.linear_epochs if epochs is None else epochs
     fixed_bn = ev.fixed_bn if fixed_bn is None else fixed_bn
     augment = ev.linear_augment if augment is None else augment
-    dev = runtime.select_device(device or cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    model = runtime.build_model(cfg)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    model = runtime.place_model(model, cfg, dev)
     train_set = runtime.load_split(cfg, cfg.data.memory_split)
     test_set = runtime.load_split(cfg, cfg.data.test_split)
     aug = TwoViewAugment(out_size=cfg.data.crop_size, scale=(cfg.data.crop_scale_min, 1.0))
-    log(f"linear probe of {checkpoint}: {cfg.data.name} {cfg.data.memory_split} -> "
+    log(f"linear probe of {mf.description}: {cfg.data.name} {cfg.data.memory_split} -> "
         f"{cfg.data.test_split}, {epochs} epochs, batch {ev.linear_batch_size}, Adam lr "
         f"{ev.linear_lr:g} wd {ev.linear_weight_decay:g}, encoder BN "
         f"{'eval (fixed)' if fixed_bn else 'train (official)'} mode, "
@@ -204,11 +204,10 @@ def linear_eval_checkpoint(checkpoint, *, overrides=None, epochs: Optional[int] 
                        device=dev, seed=cfg.run.seed, eval_batch_size=ev.batch_size,
                        autocast=runtime.autocast_factory(dev, cfg.train.amp),
                        channels_last=cfg.model.channels_last, progress=progress)
-    ckpt = Path(checkpoint)
-    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    folder = results_folder(checkpoint)
     write_csv(folder / "linear_eval.csv", HISTORY_FIELDS, res["history"])
     out = {k: v for k, v in res.items() if k != "history"}
-    out["checkpoint"] = str(checkpoint)
+    out.update(source_fields(checkpoint, mf))
     write_json(folder / "linear_eval.json", out)
     log(f"linear top-1: final {res['final_top1']:.2f}%, best {res['best_top1']:.2f}% "
         f"(epoch {res['best_epoch']}); top-5 final {res['final_top5']:.2f}%")

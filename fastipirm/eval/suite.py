@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .. import runtime
 from ..data import eval_transform
 from .factors import factor_evaluation
 from .knn import knn_evaluate
@@ -34,6 +35,8 @@ class RunEvaluation:
 
     def knn(self, forward) -> dict:
         """``knn_top1``, ``knn_top5``, ``knn_seconds`` of the model (or its compiled form)."""
+        if self.memory is None:
+            return {}
         return knn_evaluate(forward, self.memory, self.test, k=self.cfg.eval.k,
                             temperature=self.cfg.knn_temperature, **self.extract)
 
@@ -69,3 +72,30 @@ class RunEvaluation:
         return out
 
 
+
+def evaluate_initialisation(cfg, log: Callable[[str], None] = print) -> dict:
+    """The run's evaluation of its network as training starts it (same seed, same
+    initialisation, no training step): the reference that shows what training added. Returns a
+    summary like a trained run's (``knn_top1``, ``linear``, ``factors``), or ``{}`` when the run
+    has no labelled evaluation splits."""
+    device = runtime.setup(cfg)
+    train_set = runtime.load_split(cfg, cfg.data.split)
+    memory, test = runtime.load_eval_splits(cfg, train_set, log)
+    if memory is None:
+        return {}
+    model = runtime.training_model(cfg, device, resuming=False, log=log)
+    log(f"[{cfg.run.name}] the same network untrained ("
+        f"{'from ' + cfg.run.pretrain_model if cfg.run.pretrain_model else 'random init'}), "
+        f"seed {cfg.run.seed}")
+    autocast = runtime.autocast_factory(device, cfg.train.amp)
+    evaluation = RunEvaluation(cfg, memory, test, device=device, autocast=autocast,
+                               augment=runtime.augmentation(cfg, device), log=log)
+    summary = {"name": f"{cfg.run.name}_init", "kind": "random init", "epochs": 0,
+               **evaluation.knn(model)}
+    log(f"kNN {summary['knn_top1']:.2f}%")
+    final = evaluation.final(model)
+    if "linear" in final:
+        summary["linear"] = {k: v for k, v in final["linear"].items() if k != "history"}
+    if "factors" in final:
+        summary["factors"] = final["factors"]
+    return summary

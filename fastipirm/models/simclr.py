@@ -84,3 +84,23 @@ def load_pretrained(model: SimCLRModel, path) -> None:
     if any(k.startswith("f.") for k in state):
         state = convert_official_state_dict(state)
     model.load_state_dict(state)
+
+
+def official_state_dict(state: dict, *, data_parallel: bool = True) -> dict:
+    """Our ``SimCLRModel`` state dict under the official ``Model``'s names (the inverse of
+    :func:`convert_official_state_dict`): ``encoder.conv1.*`` -> ``f.0.*``, ..., ``g.*`` kept;
+    with ``data_parallel`` every key gets the ``module.`` prefix, as the official scripts save
+    it (``nn.DataParallel``, ``docs/official-ipirm.md#model``)."""
+    to_index = {name: index for index, name in _OFFICIAL_F.items()}
+    prefix = "module." if data_parallel else ""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("encoder."):
+            module, rest = key.removeprefix("encoder.").split(".", 1)
+            if module not in to_index:
+                raise KeyError(f"key {key!r} has no counterpart in the official model")
+            key = f"f.{to_index[module]}.{rest}"
+        elif not key.startswith("g."):
+            raise KeyError(f"key {key!r} is not a SimCLRModel key")
+        out[prefix + key] = value
+    return out
