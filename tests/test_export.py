@@ -17,6 +17,7 @@ from fastipirm.config import load_config
 from fastipirm.data import CIFAR10_MEAN, CIFAR10_STD
 from fastipirm.models import (SimCLRModel, from_torchvision, official_state_dict, resnet18,
                               resnet50, to_torchvision, torchvision_keys)
+from fastipirm.eval.saved import result_path
 from fastipirm.model_files import load_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,14 +306,14 @@ def test_export_then_evaluate_the_backbone(tmp_path, capsys):
     assert cli.main(["eval", "knn", "--checkpoint", str(run)]) == 0
     assert cli.main(["eval", "knn", "--checkpoint", str(out)]) == 0
     a = json.loads((run / "knn_eval.json").read_text())
-    b = json.loads((out.parent / "knn_eval.json").read_text())
+    b = json.loads(result_path(out, "knn_eval.json").read_text())
     assert a["knn_top1"] == b["knn_top1"] and a["knn_top5"] == b["knn_top5"]
     assert b["checkpoint_format"] == "backbone"
     # without its JSON the backbone still loads, its shape read from the weights
     out.with_suffix(".json").unlink()
     assert cli.main(["eval", "knn", "--checkpoint", str(out), "--config", str(toml)]) == 0
     assert "no projection head" in capsys.readouterr().out
-    assert json.loads((out.parent / "knn_eval.json").read_text())["knn_top1"] == a["knn_top1"]
+    assert json.loads(result_path(out, "knn_eval.json").read_text())["knn_top1"] == a["knn_top1"]
 
 
 def test_out_must_name_the_weights_file(tmp_path, capsys):

@@ -16,6 +16,7 @@ from fastipirm.data import eval_transform
 from fastipirm.eval import knn_evaluate
 from fastipirm.models import (SimCLRModel, convert_official_state_dict, infer_model_keys,
                               official_state_dict)
+from fastipirm.eval.saved import result_path
 from fastipirm.model_files import load_model, load_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +152,7 @@ def test_eval_knn_official_equals_fastipirm_and_direct(setup, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "official IP-IRM checkpoint without a config" in out and "kNN top-1" in out
     assert cli.main(["eval", "knn", "--checkpoint", str(run)]) == 0       # a run directory
-    a = read_json(official.parent / "knn_eval.json")
+    a = read_json(result_path(official, "knn_eval.json"))
     b = read_json(run / "knn_eval.json")
     memory, test = runtime.load_split(cfg, "train"), runtime.load_split(cfg, "test")
     direct = knn_evaluate(model, memory, test, k=20, temperature=cfg.knn_temperature,
@@ -164,7 +165,7 @@ def test_eval_knn_official_equals_fastipirm_and_direct(setup, tmp_path, capsys):
     # --k / --temperature override the config
     assert cli.main(["eval", "knn", "--checkpoint", str(official), "--config", str(toml),
                      "--k", "5", "--temperature", "0.1"]) == 0
-    c = read_json(official.parent / "knn_eval.json")
+    c = read_json(result_path(official, "knn_eval.json"))
     assert c["k"] == 5 and c["temperature"] == 0.1
 
 
@@ -177,13 +178,13 @@ def test_eval_linear_official_equals_fastipirm(setup, tmp_path, flags):
     assert cli.main(["eval", "linear", "--checkpoint", str(official), "--config", str(toml),
                      *common]) == 0
     assert cli.main(["eval", "linear", "--checkpoint", str(ckpt), *common]) == 0
-    a = read_json(official.parent / "linear_eval.json")
+    a = read_json(result_path(official, "linear_eval.json"))
     b = read_json(ckpt.parent / "linear_eval.json")
     assert a["epochs"] == 2 and a["fixed_bn"] == (not flags) and a["augment"] == bool(flags)
     for key in ("final_top1", "final_top5", "best_top1", "best_epoch"):
         assert a[key] == b[key], key
     assert a["checkpoint_format"] == "official" and a["epoch"] == 5
-    with open(official.parent / "linear_eval.csv", newline="") as fh:
+    with open(result_path(official, "linear_eval.csv"), newline="") as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
 
 
@@ -270,3 +271,12 @@ def test_official_file_of_an_old_pytorch_without_num_batches_tracked(setup, tmp_
     loaded, _, mf = load_model(path, config=toml, log=lambda *a: None)
     x = torch.randn(3, 3, 16, 16)
     assert mf.epoch == 200 and torch.equal(features(loaded, x), features(model, x))
+
+
+def test_results_of_files_in_one_folder_do_not_overwrite_each_other(tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    assert result_path(run, "knn_eval.json") == run / "knn_eval.json"
+    assert result_path(run / "checkpoint.pt", "knn_eval.json") == run / "knn_eval.json"
+    a, b = (result_path(tmp_path / f"model_{e}.pth", "knn_eval.json") for e in (25, 400))
+    assert a.name == "model_25.knn_eval.json" and b.name == "model_400.knn_eval.json"

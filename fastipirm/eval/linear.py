@@ -37,7 +37,7 @@ from ..runlog import progress_bar, write_csv, write_json
 from ..seeding import Stream, derive_seed, derived_generator
 from .features import extract_features, images_of, labels_of
 from .knn import topk_accuracy
-from .saved import load_for_eval, results_folder, source_fields
+from .saved import load_for_eval, result_path, source_fields
 
 HISTORY_FIELDS = ["epoch", "train_loss", "top1", "top5"]
 
@@ -181,7 +181,7 @@ def linear_eval_checkpoint(checkpoint, *, config=None, overrides=None,
     ``docs/official-ipirm.md#linear-probe``) and its model shape from its weights. ``overrides``
     (``section.key=value``) and the explicit arguments go on top. The result (without the
     per-epoch history, which goes to ``linear_eval.csv``) is written next to the checkpoint as
-    ``linear_eval.json``.
+    ``linear_eval.json`` (:func:`fastipirm.eval.saved.result_path`).
     """
     model, cfg, dev, mf = load_for_eval(checkpoint, config=config, overrides=overrides,
                                         device=device, log=log)
@@ -204,11 +204,10 @@ def linear_eval_checkpoint(checkpoint, *, config=None, overrides=None,
                        device=dev, seed=cfg.run.seed, eval_batch_size=ev.batch_size,
                        autocast=runtime.autocast_factory(dev, cfg.train.amp),
                        channels_last=cfg.model.channels_last, progress=progress)
-    folder = results_folder(checkpoint)
-    write_csv(folder / "linear_eval.csv", HISTORY_FIELDS, res["history"])
+    write_csv(result_path(checkpoint, "linear_eval.csv"), HISTORY_FIELDS, res["history"])
     out = {k: v for k, v in res.items() if k != "history"}
     out.update(source_fields(checkpoint, mf))
-    write_json(folder / "linear_eval.json", out)
+    write_json(result_path(checkpoint, "linear_eval.json"), out)
     log(f"linear top-1: final {res['final_top1']:.2f}%, best {res['best_top1']:.2f}% "
         f"(epoch {res['best_epoch']}); top-5 final {res['final_top5']:.2f}%")
     return res

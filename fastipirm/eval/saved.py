@@ -4,7 +4,7 @@ Both commands take any file :func:`fastipirm.model_files.load_model_file` reads:
 checkpoint (file or run directory) brings its own config; an official IP-IRM checkpoint (or
 another file without a config) takes its data and evaluation settings from ``--config`` (default:
 the default config, i.e. the official STL-10 run) and its model shape from its weights. The
-results are written next to the checkpoint (in the run directory, or the checkpoint's folder).
+results are written next to the checkpoint (:func:`result_path`).
 """
 from __future__ import annotations
 
@@ -15,16 +15,23 @@ import torch
 
 from .. import runtime
 from ..data import eval_transform
+from ..checkpoint import CHECKPOINT
 from ..model_files import ModelFile, load_model
 from ..runlog import write_json
 from .knn import knn_evaluate
 
 
-def results_folder(checkpoint) -> Path:
-    """Where the evaluation of ``checkpoint`` is written: the run directory itself, or the folder
-    of the checkpoint file."""
+def result_path(checkpoint, name: str) -> Path:
+    """Where the result file ``name`` (e.g. ``knn_eval.json``) of ``checkpoint`` is written: in
+    the run directory for a run (or its ``checkpoint.pt``), else beside the file with its name in
+    front (``model_400.knn_eval.json``), so the evaluations of several files in one folder do not
+    overwrite each other."""
     path = Path(checkpoint)
-    return path if path.is_dir() else path.parent
+    if path.is_dir():
+        return path / name
+    if path.name == CHECKPOINT:
+        return path.parent / name
+    return path.with_name(f"{path.stem}.{name}")
 
 
 def load_for_eval(checkpoint, *, config=None, overrides=None, device: Optional[str] = None,
@@ -50,7 +57,7 @@ def knn_eval_checkpoint(checkpoint, *, config=None, overrides=None, k: Optional[
     (``docs/official-ipirm.md#knn``). The memory bank is ``data.memory_split``, the queries
     ``data.test_split``; ``k`` and ``temperature`` default to ``eval.k`` and the config's kNN
     temperature (``eval.knn_temperature``, else ``train.temperature``, as officially). Writes
-    ``knn_eval.json`` next to the checkpoint and returns its content."""
+    ``knn_eval.json`` next to the checkpoint (:func:`result_path`) and returns its content."""
     sets = list(overrides or [])
     if k is not None:
         sets.append(f"eval.k={k}")
@@ -71,7 +78,7 @@ def knn_eval_checkpoint(checkpoint, *, config=None, overrides=None, k: Optional[
     out = {**res, "k": ev.k, "temperature": cfg.knn_temperature, "data": cfg.data.name,
            "memory_split": cfg.data.memory_split, "test_split": cfg.data.test_split,
            **source_fields(checkpoint, mf)}
-    write_json(results_folder(checkpoint) / "knn_eval.json", out)
+    write_json(result_path(checkpoint, "knn_eval.json"), out)
     log(f"kNN top-1 {res['knn_top1']:.2f}%, top-5 {res['knn_top5']:.2f}% "
         f"({res['knn_seconds']:.1f} s)")
     return out
