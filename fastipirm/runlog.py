@@ -94,14 +94,29 @@ class RunLog:
             self.tb.close()
 
 
-def plot_curves(history: list, path: Path, title: str) -> bool:
-    """Loss (and its parts), IRM penalty, kNN accuracy and partition balance over epochs (panels
-    without data stay empty); False when matplotlib is not installed."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(history: list, path: Path, title: str) -> bool:
+    """Loss (and its parts), IRM penalty, kNN accuracy and partition balance over epochs (panels
+    without data stay empty); False when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ep = [h["epoch"] for h in history]
@@ -124,10 +139,7 @@ def plot_curves(history: list, path: Path, title: str) -> bool:
         ax.set_title(label)
     for a in axes:
         a.set_xlabel("epoch")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path, title)
     return True
 
 
@@ -186,11 +198,8 @@ def plot_comparison(rows: list[tuple[str, dict]], path: Path, title: str) -> boo
     """One figure for a comparison: kNN top-1 over epochs of each trained run (the untrained
     network as a dashed line) and the kNN / linear accuracy per generative factor as bars; False
     without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     factors = list(rows[0][1].get("factors") or {})
     fig, axes = plt.subplots(1, 3 if factors else 1, figsize=(16 if factors else 6, 4),
@@ -215,8 +224,5 @@ def plot_comparison(rows: list[tuple[str, dict]], path: Path, title: str) -> boo
         ax.set_title(f"{name} top-1 per generative factor (%)")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path, title)
     return True

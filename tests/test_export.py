@@ -19,6 +19,7 @@ from fastipirm.models import (SimCLRModel, from_torchvision, official_state_dict
                               resnet50, to_torchvision, torchvision_keys)
 from fastipirm.eval.saved import result_path
 from fastipirm.model_files import load_model_file
+from test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,45 +122,10 @@ def torchvision_small_stem(arch, width=64):
 
 # --- helpers -----------------------------------------------------------------------------------
 
-TINY = """
-[run]
-name = "tiny"
-output_dir = "{out}"
-seed = 7
-device = "cpu"
-
-[data]
-name = "synthetic"
-split = "train"
-memory_split = "train"
-test_split = "test"
-num_samples = 96
-eval_num_samples = 64
-image_size = 16
-crop_size = 16
-
-[model]
-arch = "{arch}"
-feature_dim = 16
-width = {width}
-hidden_dim = 8
-channels_last = true
-
-[train]
-batch_size = 32
-
-[method]
-name = "simclr"
-
-[eval]
-k = 20
-batch_size = 64
-"""
-
-
 def tiny(tmp_path, arch="resnet18", width=4):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(out=(tmp_path / "runs").as_posix(), arch=arch, width=width))
+    path = tiny_config(tmp_path, sets=[f'model.arch="{arch}"', f"model.width={width}",
+                                       "model.hidden_dim=8", "model.channels_last=true",
+                                       'method.name="simclr"'])
     return path, load_config(path)
 
 

@@ -18,53 +18,12 @@ from fastipirm.models import (SimCLRModel, convert_official_state_dict, infer_mo
                               official_state_dict)
 from fastipirm.eval.saved import result_path
 from fastipirm.model_files import load_model, load_model_file
+from test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = """
-[run]
-name = "tiny"
-output_dir = "{out}"
-seed = 7
-device = "cpu"
-progress = false
-tensorboard = false
-plot = false
-
-[data]
-name = "synthetic"
-split = "train"
-memory_split = "train"
-test_split = "test"
-num_samples = 96
-eval_num_samples = 64
-image_size = 16
-crop_size = 16
-
-[model]
-arch = "resnet18"
-feature_dim = 16
-width = 4
-hidden_dim = 8
-channels_last = false
-
-[train]
-batch_size = 32
-
-[eval]
-k = 20
-batch_size = 64
-linear_epochs = 2
-linear_batch_size = 32
-fixed_bn = true
-linear_augment = false
-"""
-
-
 def tiny_toml(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(out=(tmp_path / "runs").as_posix()))
-    return path
+    return tiny_config(tmp_path, sets=["model.hidden_dim=8", "eval.linear_epochs=2"])
 
 
 def trained_like(arch="resnet18", width=4, hidden_dim=8, feature_dim=16, seed=0):

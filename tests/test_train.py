@@ -15,7 +15,7 @@ import torch
 from fastipirm import cli, runtime
 from fastipirm import train as trainmod
 from fastipirm.checkpoint import atomic_save, load_checkpoint
-from fastipirm.config import load_config
+from fastipirm.config import load_config, write_config
 from fastipirm.methods import grouped_projection
 from fastipirm.methods import ipirm as ipirm_method
 
@@ -77,10 +77,13 @@ linear_augment = false
 """
 
 
-def tiny_config(tmp_path, name="tiny.toml", plot=False, linear=False):
+def tiny_config(tmp_path, name="tiny.toml", plot=False, linear=False, sets=()):
+    """The tiny test config as a TOML file; ``sets`` (``section.key=value``) are written in."""
     path = tmp_path / name
     path.write_text(TINY.format(out=(tmp_path / "runs").as_posix(),
                                 plot=str(plot).lower(), linear=str(linear).lower()))
+    if sets:
+        write_config(load_config(path, list(sets)), path)
     return path
 
 
