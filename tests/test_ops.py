@@ -259,7 +259,7 @@ def test_auto_backend_falls_back_and_says_so_once(monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "broken", backends.Backend(
         "broken", ("cpu",), lambda: (_ for _ in ()).throw(ImportError("not built"))))
     monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("broken", "torch"))
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends.ENV, "_warned", set())
     monkeypatch.delenv("FASTIPIRM_BACKEND", raising=False)
     with pytest.warns(RuntimeWarning, match="falling back to 'torch'"):
         env_contrastive_loss(*_inputs(), **GOOD)

@@ -95,3 +95,65 @@ class EnvContrastiveSpec:
                      irm_temperature: float) -> EnvContrastiveSpec:
         """The inverse of :meth:`op_args`."""
         return cls(temperature, irm_temperature, soft, penalty, nonorm)
+
+
+SIMILARITIES = ("dot", "sqeuclidean", "l1", "lp")
+REDUCTIONS = ("mean", "sum", "none")
+#: integer codes of the similarities at the custom-op and kernel boundary
+SIMILARITY_CODES = {name: i for i, name in enumerate(SIMILARITIES)}
+
+
+@dataclass(frozen=True)
+class MaskedContrastiveSpec:
+    """The scalar options of one :func:`fastipirm.ops.masked_contrastive_loss` call.
+
+    ``similarity`` with its exponent: ``"dot"`` (``q . k``), ``"sqeuclidean"`` (``-|q - k|^2``),
+    ``"l1"`` (``-|q - k|_1``) or ``"lp"`` (``-sum_d |q_d - k_d|^p``, ``p >= 1``); ``p`` is set to
+    2 and 1 for the two named distances and is None for the dot product. ``temperature`` divides
+    the similarity. ``include_self``: a query's own key column is one of its negatives.
+    ``reduction``: ``"mean"`` or ``"sum"`` over the queries, ``"none"`` for the per-query losses.
+    ``key_penalty``: also return the per-key-column gradients of the loss w.r.t. a dummy scale of
+    each key column (the IRM penalty's ingredient).
+    """
+
+    similarity: str = "dot"
+    p: Optional[float] = None
+    temperature: float = 1.0
+    include_self: bool = False
+    reduction: str = "mean"
+    key_penalty: bool = False
+
+    def __post_init__(self):
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; expected one of "
+                             f"{SIMILARITIES}")
+        p = self.p
+        if self.similarity == "lp":
+            if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) \
+                    or not math.isfinite(p) or p < 1:
+                raise ValueError(f"similarity 'lp' needs a finite p >= 1, got p={p!r}")
+            p = float(p)
+        elif p is not None:
+            raise ValueError(f"p is only used with similarity 'lp', got p={p!r} with "
+                             f"{self.similarity!r}")
+        else:
+            p = {"sqeuclidean": 2.0, "l1": 1.0}.get(self.similarity)
+        object.__setattr__(self, "p", p)
+        object.__setattr__(self, "temperature", _check_temperature("temperature",
+                                                                    self.temperature))
+        for name in ("include_self", "key_penalty"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {self.reduction!r}; expected one of "
+                             f"{REDUCTIONS}")
+
+    @property
+    def code(self) -> int:
+        """The similarity's integer code (:data:`SIMILARITY_CODES`)."""
+        return SIMILARITY_CODES[self.similarity]
+
+    @property
+    def exponent(self) -> float:
+        """``p`` as the kernels take it (0 for the dot product)."""
+        return 0.0 if self.p is None else self.p
