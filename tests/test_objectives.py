@@ -139,3 +139,19 @@ def test_maximization_gradient_ascends_the_penalty():
         opt.step()
         values.append(j.item())
     assert min(values[-5:]) < values[0]
+
+
+def test_the_general_op_computes_simclr_nt_xent():
+    """NT-Xent over the 2B views is the general op with each view's partner as its positive
+    column (keys = the views themselves, own column excluded): both ops agree."""
+    from fastipirm.losses import nt_xent
+    from fastipirm.ops import masked_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    z1 = F.normalize(torch.randn(11, 6, generator=g, dtype=torch.float64), dim=1)
+    z2 = F.normalize(torch.randn(11, 6, generator=g, dtype=torch.float64), dim=1)
+    partner = torch.cat([torch.arange(11, 22), torch.arange(11)])
+    general = masked_contrastive_loss(torch.cat([z1, z2]), positive_index=partner,
+                                      temperature=0.5, backend="torch")
+    torch.testing.assert_close(general, nt_xent(z1, z2, temperature=0.5, backend="torch"),
+                               rtol=1e-12, atol=1e-12)
