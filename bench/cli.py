@@ -26,6 +26,8 @@ from typing import Optional
 # subcommand -> (module of bench/, one-line help)
 BENCHMARKS = {
     "kernels": ("kernels", "the fused op's forward + backward, every implementation and size"),
+    "masked": ("masked", "masked_contrastive_loss against the official CL-ICA, DCoDR and MixUp "
+                         "constructions (time and peak memory)"),
     "loader": ("loader", "two-view samples/s of each data pipeline against a step's needs"),
     "step": ("step", "one training step: the official-style step against fastipirm's"),
     "maximize": ("maximize", "one partition maximisation: official-style against fastipirm"),

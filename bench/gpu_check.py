@@ -13,12 +13,16 @@ phase           what it runs                                                    
 info            ``fastipirm info``: versions, the GPU, the available backends    60 s   60 s
 check           ``fastipirm check``: every CPU and CUDA backend against the     150 s   60 s
                 float64 reference (``--quick`` cases in the quick run)
-gpu-tests       ``pytest -m gpu`` on tests/test_triton_backend.py and           240 s   90 s
-                tests/test_cuda_backend.py with ``TRITON_INTERPRET=0`` (the
-                quick run keeps the fp32 sweeps and the memory tests)
+gpu-tests       ``pytest -m gpu`` on the Triton and CUDA tests of both ops           240 s   90 s
+                (tests/test_{triton,cuda}_backend.py, test_masked_{triton,cuda}.py)
+                with ``TRITON_INTERPRET=0`` (the quick run keeps the fp32
+                sweeps and the memory tests)
 kernels         ``python -m bench kernels``: 2B = 512, 2048, 8192 (quick:       240 s  100 s
                 8192), M = 16, hard and soft: every GPU backend against the
                 reference and torch.compile
+masked          ``python -m bench masked``: masked_contrastive_loss against      150 s   60 s
+                the official CL-ICA (B = 1024, 4096, 6144; quick: L1 at 4096),
+                DCoDR and MixUp constructions
 step            ``python -m bench step``: ResNet-50, P = 1 and 8 (quick: 8),     240 s   90 s
                 the official-style step against fastipirm's and SimCLR's
 step-resnet18   the same for ResNet-18, only when the budget still has its      150 s     -
@@ -66,12 +70,18 @@ COMMON_OPTIONS = ("results_dir",)
 BUDGET = {"full": 700.0, "quick": 255.0, "cpu": 240.0}
 MIN_START_S = 30.0               # a phase with less time left than this is skipped
 KILL_GRACE_S = 10.0
-GPU_TESTS = ["tests/test_triton_backend.py", "tests/test_cuda_backend.py"]
+GPU_TESTS = ["tests/test_triton_backend.py", "tests/test_cuda_backend.py",
+             "tests/test_masked_triton.py", "tests/test_masked_cuda.py"]
 
 KERNELS = {"full": ["--n", "512", "2048", "8192", "--envs", "16", "--max-seconds", "5"],
            "quick": ["--n", "8192", "--envs", "16", "--repeats", "10", "--max-seconds", "5"],
            "cpu": ["--device", "cpu", "--n", "16", "--dim", "8", "--envs", "3", "--repeats", "2",
                    "--warmup", "0", "--impl", "reference", "torch"]}
+MASKED = {"full": ["--max-seconds", "4"],
+          "quick": ["--clica-batch", "4096", "--similarity", "l1", "--repeats", "10",
+                    "--max-seconds", "3"],
+          "cpu": ["--small", "--device", "cpu", "--similarity", "l1", "--repeats", "2",
+                  "--warmup", "0", "--memory", "none"]}
 STEP_VARIANTS = ["--variants", "official", "fastipirm", "simclr"]
 STEP = {"full": ["--archs", "resnet50", "--partitions", "1", "8", *STEP_VARIANTS],
         "quick": ["--archs", "resnet50", "--partitions", "8", "--repeats", "5", *STEP_VARIANTS],
@@ -122,6 +132,18 @@ def _kernels_key(log: str, record: Optional[dict]) -> str:
             text += f", {r['x_compile']:.1f}x compile"
         parts.append(text)
     return f"2B={n} hard: " + "; ".join(parts)
+
+
+def _masked_key(log: str, record: Optional[dict]) -> str:
+    rows = [r for r in (record or {}).get("rows", []) if r.get("status") == "ok"
+            and r.get("form") == "clica" and r.get("implementation") == "ours"
+            and r.get("time_over_official")]
+    if not rows:
+        return ""
+    b = max(r["batch"] for r in rows)
+    best = min((r for r in rows if r["batch"] == b), key=lambda r: r["time_over_official"])
+    return (f"CL-ICA {best['variant']} B={b}: {best['backend']} "
+            f"{best['time_over_official']:.3f}x official time")
 
 
 def _step_key(log: str, record: Optional[dict]) -> str:
@@ -188,6 +210,8 @@ PHASES = (
     Phase("gpu-tests", _gpu_tests, {"full": 240, "quick": 90, "cpu": 60}, _tests_key),
     Phase("kernels", _bench("kernels", KERNELS), {"full": 240, "quick": 100, "cpu": 60},
           _kernels_key),
+    Phase("masked", _bench("masked", MASKED), {"full": 150, "quick": 60, "cpu": 60},
+          _masked_key),
     Phase("step", _bench("step", STEP), {"full": 240, "quick": 90, "cpu": 90}, _step_key),
     Phase("step-resnet18",
           _bench("step", {"full": ["--archs", "resnet18", *STEP["full"][2:]]}),

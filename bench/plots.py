@@ -2,6 +2,8 @@
 
 * ``kernels``: median fwd+bwd time against 2B per implementation (log-log), one panel per
   (mode, M); and peak memory against 2B (CUDA runs only: the CPU has no memory figure);
+* ``masked``: median fwd+bwd time and peak memory against B per implementation (log-log), one
+  panel per form (``clica-l1``, ..., ``dcodr``, ``mixup``);
 * ``loader``, ``step``, ``maximize``: a bar chart of the rates (samples/s, images/s, seconds);
 * ``all``: the charts of each part.
 
@@ -23,7 +25,8 @@ def pyplot():
     return plt
 
 
-def _panels(plt, groups: dict, ylabel: str, title: str, path: Path) -> Path:
+def _panels(plt, groups: dict, ylabel: str, title: str, path: Path,
+            xlabel: str = "2B (rows of the similarity)") -> Path:
     """One log-log panel per group: ``{panel title: {line label: [(x, y), ...]}}``."""
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], groups.items()):
@@ -32,7 +35,7 @@ def _panels(plt, groups: dict, ylabel: str, title: str, path: Path) -> Path:
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("2B (rows of the similarity)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(panel)
         ax.grid(True, which="both", alpha=0.3)
@@ -62,6 +65,34 @@ def _kernels(plt, record: dict, stem: Path) -> list[Path]:
         paths.append(_panels(plt, memory, "peak memory above the inputs (MiB)",
                              f"env_contrastive_loss peak memory ({where})",
                              stem.with_name(stem.name + "_memory.png")))
+    return paths
+
+
+def _masked(plt, record: dict, stem: Path) -> list[Path]:
+    """Time and (where measured) peak memory against B, one panel per form, one line per
+    implementation (official, dense-masked, ours-<backend>)."""
+    from .masked import impl_key
+
+    times, memory = {}, {}
+    for r in record["rows"]:
+        if r.get("status") != "ok":
+            continue
+        panel = r["case"].split("/")[0]
+        times.setdefault(panel, {}).setdefault(impl_key(r), []).append((r["batch"],
+                                                                       r["median_ms"]))
+        if r.get("peak_mib"):
+            memory.setdefault(panel, {}).setdefault(impl_key(r), []).append((r["batch"],
+                                                                            r["peak_mib"]))
+    if not times:
+        raise ValueError("the masked record has no successful row to plot")
+    where = f"{record['device']}, {record['dtype']}"
+    paths = [_panels(plt, times, "median fwd+bwd time (ms)",
+                     f"masked_contrastive_loss vs official ({where})",
+                     stem.with_name(stem.name + "_time.png"), xlabel="B (queries)")]
+    if memory:
+        paths.append(_panels(plt, memory, "peak memory above the inputs (MiB)",
+                             f"masked_contrastive_loss vs official, peak memory ({where})",
+                             stem.with_name(stem.name + "_memory.png"), xlabel="B (queries)"))
     return paths
 
 
@@ -119,4 +150,6 @@ def plot_record(record: dict, stem: Path | str) -> list[Path]:
         return paths
     if name == "kernels":
         return _kernels(plt, record, stem)
+    if name == "masked":
+        return _masked(plt, record, stem)
     return _rate_bars(plt, record, stem)

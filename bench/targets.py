@@ -38,6 +38,31 @@ CPU_RATIO = {"shape": {"batch": 512, "dim": 128, "envs": 16}, "threads": 1, "min
                      "one thread (per-core efficiency, which a busy CI machine distorts least)"}
 
 
+MASKED_CLICA = {"case": "clica-l1/B=4096/n=10", "dtype": "fp32", "backend": "cpu",
+                "memory_max": 1 / 20, "time_max": 0.5}
+
+
+def _masked_targets() -> dict[str, Target]:
+    """CL-ICA L1 on the CPU (``python -m bench masked --device cpu``): the C++ ``cpu`` kernel
+    set of ``masked_contrastive_loss`` against the official construction. The figures exist only
+    when the ``cpu`` backend is available (and its loss equals the official one), so the targets
+    bind only then."""
+    t = MASKED_CLICA
+    key = f"masked/{t['case']}/{t['dtype']}/ours-{t['backend']}"
+    what = ("CL-ICA LpSimCLRLoss with the L1 distance, B = 4096, n = 10, fp32, forward + "
+            "backward on the CPU, masked_contrastive_loss with the C++ 'cpu' backend against "
+            "the official construction (the materialised B x B x n difference tensor)")
+    return {
+        f"{key}/memory_over_official": Target(
+            {"max": t["memory_max"]}, "cpu",
+            f"{what}: peak memory at most 1/20 of the official's (peak resident set above the "
+            "inputs, one fresh process per row)", {"device": "cpu"}),
+        f"{key}/time_over_official": Target(
+            {"max": t["time_max"]}, "cpu",
+            f"{what}: median time at most 1/2 of the official's", {"device": "cpu"}),
+    }
+
+
 def _kernel_targets() -> dict[str, Target]:
     out = {}
     for mode in ("hard", "soft"):
@@ -94,6 +119,7 @@ TARGETS: dict[str, Target] = {
         "the official 400-epoch STL-10 ResNet-50 IP-IRM run, estimated from the measured step "
         "and maximisation rates (bench.suite.FORMULA): at most 1.5 hours on one H200"),
     **_cpu_ratio_targets(),
+    **_masked_targets(),
 }
 
 

@@ -1,20 +1,29 @@
-"""Self-check: every available backend against the literal float64 reference.
+"""Self-check: every available backend of both ops against their literal float64 references.
 
-``fastipirm check`` runs a fixed set of cases (hard and soft, every penalty variant, odd sizes,
-empty and one-sample environments) on fresh random inputs, compares values and gradients
-(z1, z2 and, in soft mode, the weights) with :func:`env_contrastive_loss_reference` in float64,
-prints the largest relative error per backend and fails when one exceeds its tolerance.
+``fastipirm check`` runs, for ``env_contrastive_loss``, a fixed set of cases (hard and soft,
+every penalty variant, odd sizes, empty and one-sample environments) on fresh random inputs,
+compares values and gradients (z1, z2 and, in soft mode, the weights) with
+:func:`env_contrastive_loss_reference` in float64, prints the largest relative error per backend
+and fails when one exceeds its tolerance. A second table does the same for
+``masked_contrastive_loss`` against :func:`masked_contrastive_loss_reference`
+(:func:`run_masked_check`: every similarity, both positive modes, groups, self-pairs, the key
+penalty with random upstream gradients on both outputs, odd sizes). The masked helpers
+(:class:`MaskedCase`, :func:`make_masked_inputs`, :func:`masked_outputs_and_grads`) are shared
+with the tests.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
 import torch
 
 from .ops import (PENALTIES, EnvContrastiveSpec, available_backends, env_contrastive_loss,
-                  env_contrastive_loss_reference)
+                  env_contrastive_loss_reference, masked_contrastive_loss,
+                  masked_contrastive_loss_reference)
+from .ops.backends import MASKED
 
 FP32_TOLERANCE = 1e-4
 
@@ -167,6 +176,360 @@ def run_check(backends=None, quick: bool = False, device: str = "cpu", out=print
                 break
             if err > worst:
                 worst, worst_case = err, str(case)
+        passed = worst <= FP32_TOLERANCE
+        ok &= passed
+        label = (worst_case or "")[:50]
+        out(f"{name:<10} {len(cases):>6} {worst:>12.3e} {label:<50} {'ok' if passed else 'FAIL'}")
+        if not passed:
+            out(f"  {name}: worst case {worst_case}")
+    return ok
+
+
+# ------------------------------------------------------------------ masked_contrastive_loss
+@dataclass(frozen=True)
+class MaskedCase:
+    """One call of ``masked_contrastive_loss`` (the inputs: :func:`make_masked_inputs`).
+
+    ``n_k`` None: ``keys=None`` (the queries are the keys). ``targets`` 0: a separate positive
+    per query; ``T >= 1``: ``positive_index`` with ``T`` columns (``repeat``: every other row
+    repeats its first column in its last). ``self_index`` (keys given): each query's own key
+    column is known. ``groups``: "" (none), "random" (scattered ids), "sorted" (contiguous
+    blocks), "one" (one group), "distinct" (a group per key), "single" (one single-member group),
+    "negative" (negative ids), "empty" (keys given: random, and one query's group has no
+    key). ``key_weights``: "", "rand" or "zeros" (a third of them 0).
+    ``row_weights``: random ``penalty_row_weights``. ``scale`` multiplies the features, which
+    are drawn so that similarities are of order one; ``special="equal"``: every query, key and
+    positive is the same vector.
+    """
+
+    n_q: int
+    dim: int
+    similarity: str = "dot"
+    p: Optional[float] = None
+    n_k: Optional[int] = None
+    targets: int = 0
+    repeat: bool = False
+    include_self: bool = False
+    self_index: bool = False
+    groups: str = ""
+    key_weights: str = ""
+    row_weights: bool = False
+    reduction: str = "mean"
+    key_penalty: bool = False
+    temperature: float = 0.5
+    scale: float = 1.0
+    special: str = ""
+
+    def __str__(self) -> str:
+        sim = f"lp{self.p:g}" if self.similarity == "lp" else self.similarity
+        parts = [f"q{self.n_q}" + ("" if self.n_k is None else f"k{self.n_k}"),
+                 f"d{self.dim}", sim, f"t{self.temperature:g}",
+                 "pos" if self.targets == 0 else f"T{self.targets}" + "r" * self.repeat]
+        defaults = MaskedCase(1, 1)
+        for f in fields(self):
+            if f.name in ("n_q", "n_k", "dim", "similarity", "p", "temperature", "targets",
+                          "repeat"):
+                continue
+            value = getattr(self, f.name)
+            if value != getattr(defaults, f.name):
+                parts.append(f.name if value is True else f"{f.name}={value}")
+        return " ".join(parts)
+
+    @property
+    def keys_given(self) -> bool:
+        return self.n_k is not None
+
+    @property
+    def keys(self) -> int:
+        return self.n_q if self.n_k is None else self.n_k
+
+    def op_kwargs(self) -> dict:
+        """The scalar keyword arguments of the op for this case."""
+        return dict(similarity=self.similarity, p=self.p, temperature=self.temperature,
+                    include_self=self.include_self, reduction=self.reduction,
+                    key_penalty=self.key_penalty)
+
+
+#: the tensor arguments of masked_contrastive_loss, in the order of its signature
+MASKED_TENSORS = ("queries", "keys", "positives", "positive_index", "positive_weight",
+                  "query_groups", "key_groups", "self_index", "key_weights",
+                  "penalty_row_weights")
+#: the differentiable ones
+MASKED_LEAVES = ("queries", "keys", "positives", "key_weights")
+#: the floating-point arguments that are weights (kept in float32/float64, not the feature dtype)
+MASKED_WEIGHTS = ("positive_weight", "key_weights", "penalty_row_weights")
+
+
+def _no_singletons(ids: torch.Tensor) -> torch.Tensor:
+    """Move the member of a single-member group into its neighbour's group (sorted ids stay
+    sorted), until every group has two members or more."""
+    while ids.numel() > 1:
+        values, counts = ids.unique(return_counts=True)
+        if not (counts == 1).any():
+            break
+        i = int(torch.nonzero(ids == values[counts == 1][0])[0, 0])
+        ids[i] = ids[i - 1] if i > 0 else ids[1]
+    return ids
+
+
+def _group_ids(kind: str, n: int, g) -> torch.Tensor:
+    """Group ids of ``n`` rows; every group has two members or more except with "distinct"
+    (one each) and "single" (one group of one, id 99)."""
+    if kind == "random":
+        return _no_singletons(torch.randint(0, 3, (n,), generator=g) * 5 + 1)
+    if kind == "sorted":
+        return _no_singletons(torch.randint(0, 4, (n,), generator=g).sort().values)
+    if kind == "one":
+        return torch.full((n,), 7, dtype=torch.long)
+    if kind == "distinct":
+        return torch.arange(n) * 2
+    if kind == "single":
+        rest = _no_singletons(torch.randint(0, 2, (n - 1,), generator=g))
+        j = int(torch.randint(0, n, (1,), generator=g))
+        return torch.cat([rest[:j], torch.tensor([99]), rest[j:]])
+    if kind == "negative":
+        return _no_singletons(torch.randint(-3, 3, (n,), generator=g))
+    raise ValueError(f"unknown groups kind {kind!r}")
+
+
+def make_masked_inputs(case: MaskedCase, generator=None) -> dict:
+    """Fresh random float64 CPU inputs of a case: ``{argument name: tensor or None}`` for the
+    names of :data:`MASKED_TENSORS`. Raises ``ValueError`` when a query has no possible target
+    column (a case that cannot be built)."""
+    g = generator
+    n_q, n_k, d = case.n_q, case.keys, case.dim
+    f64 = torch.float64
+    exponent = {"dot": 2.0, "sqeuclidean": 2.0, "l1": 1.0}.get(case.similarity, case.p)
+    spread = d ** (-1.0 / exponent)       # typical |similarity| of order one
+
+    def feats(n):
+        x = torch.randn(n, d, generator=g, dtype=f64)
+        return torch.nn.functional.normalize(x, dim=1) if case.similarity == "dot" \
+            else x * spread
+
+    if case.special == "equal":
+        v = feats(1)
+        q, k, pos = v.expand(n_q, d), v.expand(n_k, d), v.expand(n_q, d)
+    else:
+        q, k = feats(n_q), feats(n_k)
+        pos = q + 0.5 * feats(n_q)
+        if case.similarity == "dot":
+            pos = torch.nn.functional.normalize(pos, dim=1)
+    q, k, pos = (t.contiguous() * case.scale for t in (q, k, pos))
+    out = dict.fromkeys(MASKED_TENSORS)
+    out["queries"] = q
+    if case.keys_given:
+        out["keys"] = k
+    if case.targets == 0:
+        out["positives"] = pos
+    own = torch.arange(n_q) if not case.keys_given else None
+    if case.self_index:
+        own = torch.randperm(n_k, generator=g)[:n_q]
+        out["self_index"] = own
+    qg = kg = None
+    if case.groups:
+        if not case.keys_given:
+            qg = kg = _group_ids(case.groups, n_q, g)
+            out["query_groups"] = qg
+        else:
+            kg = _group_ids("random" if case.groups == "empty" else case.groups, n_k, g)
+            qg = kg[own] if own is not None else kg[torch.randint(0, n_k, (n_q,), generator=g)]
+            if case.groups == "empty":
+                qg = qg.clone()
+                qg[n_q // 2] = 1000                   # no key has this group
+            out["query_groups"], out["key_groups"] = qg, kg
+    if case.targets:
+        idx = torch.empty(n_q, case.targets, dtype=torch.long)
+        cols = torch.arange(n_k)
+        for i in range(n_q):
+            ok = torch.ones(n_k, dtype=torch.bool)
+            if kg is not None:
+                ok &= kg == qg[i]
+            if own is not None and not case.include_self:
+                ok &= cols != own[i]
+            cand = cols[ok]
+            if cand.numel() == 0:
+                raise ValueError(f"case {case}: query {i} has no possible target column")
+            cand = cand[torch.randperm(cand.numel(), generator=g)]
+            idx[i] = cand[torch.arange(case.targets) % cand.numel()]
+            if case.repeat and i % 2 == 0:
+                idx[i, -1] = idx[i, 0]
+        out["positive_index"] = idx
+        if case.targets > 1:
+            tw = torch.rand(n_q, case.targets, generator=g, dtype=f64) + 0.05
+            out["positive_weight"] = tw / tw.sum(1, keepdim=True)
+    if case.key_weights:
+        w = torch.rand(n_k, generator=g, dtype=f64)
+        if case.key_weights == "rand":
+            w = 0.2 + 0.8 * w
+        else:
+            w[torch.randperm(n_k, generator=g)[:max(1, n_k // 3)]] = 0.0
+        out["key_weights"] = w
+    if case.row_weights:
+        out["penalty_row_weights"] = 0.1 + torch.rand(n_q, generator=g, dtype=f64)
+    return out
+
+
+#: a weight that stands for 0 in the reference (see :func:`reference_inputs`)
+TINY_WEIGHT = 1e-300
+
+
+def reference_inputs(inputs: dict) -> dict:
+    """The inputs for :func:`masked_contrastive_loss_reference`, float64, with every zero key
+    weight replaced by :data:`TINY_WEIGHT`: the reference drops a zero-weight column, which gives
+    the right values but a zero gradient for that weight instead of the derivative
+    ``sum_i e^{x_ij} / Z_i`` of the (smooth) loss; a weight of 1e-300 changes no value and gives
+    that derivative."""
+    out = {}
+    for name, t in inputs.items():
+        if t is not None and t.is_floating_point():
+            t = t.detach().to(torch.float64)
+        if name == "key_weights" and t is not None:
+            t = torch.where(t == 0, torch.full_like(t, TINY_WEIGHT), t)
+        out[name] = t
+    return out
+
+
+def masked_upstream(case: MaskedCase, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random upstream gradients ``(of the loss, of key_grads)``, float64."""
+    shape = (case.n_q,) if case.reduction == "none" else ()
+    return (torch.randn(shape, generator=generator, dtype=torch.float64),
+            torch.randn(case.keys, generator=generator, dtype=torch.float64))
+
+
+def masked_outputs_and_grads(fn: Callable, inputs: dict, case: MaskedCase, up: tuple,
+                             dtype=torch.float64, device="cpu") -> dict:
+    """``{name: tensor}``: ``loss``, ``key_grads`` (with ``key_penalty``) and ``d <leaf>`` for
+    each differentiable input given, of ``fn(**inputs, **case.op_kwargs())`` on fresh leaf
+    copies: features in ``dtype``, weights in float64 (float64 features) or float32, on
+    ``device``; the upstream gradients ``up = (of the loss, of key_grads)``."""
+    weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    args, leaves = {}, {}
+    for name, t in inputs.items():
+        if t is not None:
+            if t.is_floating_point():
+                t = t.detach().to(device, weight_dtype if name in MASKED_WEIGHTS else dtype)
+            else:
+                t = t.to(device)
+            if name in MASKED_LEAVES:
+                t = t.clone().requires_grad_()
+                leaves[name] = t
+        args[name] = t
+    out = fn(**args, **case.op_kwargs())
+    loss, key_grads = out if case.key_penalty else (out, None)
+    total = (loss * up[0].to(device, loss.dtype)).sum()
+    if key_grads is not None:
+        total = total + (key_grads * up[1].to(device, key_grads.dtype)).sum()
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    result = {"loss": loss.detach()}
+    if key_grads is not None:
+        result["key_grads"] = key_grads.detach()
+    for (name, leaf), grad in zip(leaves.items(), grads):
+        result[f"d {name}"] = torch.zeros_like(leaf) if grad is None else grad.detach()
+    return result
+
+
+def masked_errors(got: dict, want: dict) -> dict:
+    """``{name: relative error}`` of every output (:func:`relative_error`: the value floor for
+    the loss, the gradient floor for the gradients and for key_grads, themselves gradients of
+    the loss, w.r.t. the key columns' logit scales: in fp32 a self-pair's squared distance
+    through ``|q|^2 + |k|^2 - 2 q.k`` is off by ~eps |q|^2, which moves key_grads of order 1e-3
+    by ~3e-7)."""
+    if set(got) != set(want):
+        raise AssertionError(f"outputs {sorted(got)} != reference outputs {sorted(want)}")
+    return {name: relative_error(got[name].cpu(), want[name],
+                                 VALUE_FLOOR if name == "loss" else GRADIENT_FLOOR)
+            for name in want}
+
+
+def masked_reference_outputs(inputs: dict, case: MaskedCase, up: tuple) -> dict:
+    """The float64 reference's outputs and gradients for a case's inputs."""
+    return masked_outputs_and_grads(masked_contrastive_loss_reference, reference_inputs(inputs),
+                                    case, up)
+
+
+def masked_backend_outputs(backend: str, inputs: dict, case: MaskedCase, up: tuple,
+                           dtype=torch.float32, device="cpu") -> dict:
+    """``backend``'s outputs and gradients for a case's inputs in ``dtype`` on ``device``."""
+    def fn(**kw):
+        return masked_contrastive_loss(**kw, backend=backend)
+
+    return masked_outputs_and_grads(fn, inputs, case, up, dtype=dtype, device=device)
+
+
+def default_masked_cases(quick: bool = False) -> list[MaskedCase]:
+    """The fixed cases of ``fastipirm check`` for ``masked_contrastive_loss``: every similarity,
+    separate positives and positive columns (one, two, a repeated one), groups, self-pairs (own
+    keys and ``self_index``), key weights, the key penalty with random upstream gradients on
+    both outputs, odd sizes."""
+    M = MaskedCase
+    cases = [
+        M(37, 16, "dot", key_penalty=True, groups="random"),
+        M(5, 3, "sqeuclidean", include_self=True, key_penalty=True),
+        M(37, 10, "l1", include_self=True, temperature=0.2),
+        M(13, 10, "lp", p=3.0, include_self=True, key_penalty=True, groups="sorted"),
+        M(13, 16, "dot", n_k=29, targets=2, repeat=True, key_penalty=True),
+        M(20, 16, "dot", n_k=37, targets=1, self_index=True, include_self=True,
+          groups="random", key_penalty=True, key_weights="rand"),
+    ]
+    if quick:
+        return cases
+    return cases + [
+        M(1, 3, "dot", include_self=True, key_penalty=True),
+        M(2, 1, "l1", targets=1, include_self=True, key_penalty=True),
+        M(37, 128, "sqeuclidean", targets=2, key_penalty=True, groups="one",
+          reduction="none"),
+        M(17, 3, "lp", p=1.5, n_k=9, targets=1, key_penalty=True, groups="random"),
+        M(37, 16, "dot", targets=1, groups="single", include_self=True, key_penalty=True,
+          row_weights=True),
+        M(25, 16, "dot", key_penalty=True, groups="distinct", include_self=True,
+          reduction="sum"),
+        M(37, 16, "sqeuclidean", n_k=37, targets=2, self_index=True, groups="sorted",
+          key_weights="zeros", key_penalty=True),
+        M(16, 16, "dot", key_penalty=True, special="equal", include_self=True),
+        M(33, 10, "l1", targets=1, n_k=40, key_penalty=True, temperature=0.05),
+    ]
+
+
+def compare_masked_case(backend: str, case: MaskedCase, device="cpu", dtype=torch.float32,
+                        generator=None) -> tuple[float, str]:
+    """``(largest relative error, the output it occurs in)`` of ``backend`` against the float64
+    reference, values and gradients."""
+    inputs = make_masked_inputs(case, generator)
+    up = masked_upstream(case, generator)
+    want = masked_reference_outputs(inputs, case, up)
+    got = masked_backend_outputs(backend, inputs, case, up, dtype=dtype, device=device)
+    errors = masked_errors(got, want)
+    name = max(errors, key=lambda n: errors[n])
+    return errors[name], name
+
+
+def run_masked_check(backends=None, quick: bool = False, device: str = "cpu",
+                     out=print) -> bool:
+    """The second table of ``fastipirm check``: the largest relative error per backend of
+    ``masked_contrastive_loss`` (fp32 inputs) against its float64 reference; True when all
+    pass."""
+    backends = MASKED.available(device) if backends is None else backends
+    cases = default_masked_cases(quick)
+    ok = True
+    out(f"masked_contrastive_loss: {len(cases)} cases on {device}, fp32 inputs, vs float64 "
+        f"reference (values and gradients, relative tolerance {FP32_TOLERANCE:g})")
+    out(f"{'backend':<10} {'cases':>6} {'max rel err':>12} {'worst case':<50} status")
+    if not backends:
+        out(f"  (no masked_contrastive_loss backend available on {device})")
+    for name in backends:
+        worst, worst_case = 0.0, None
+        for case in cases:
+            try:
+                err, output = compare_masked_case(name, case, device=device)
+            except Exception as exc:  # report, do not hide: a crashing backend is a failure
+                worst, worst_case = float("inf"), f"{case} raised {type(exc).__name__}: {exc}"
+                break
+            if math.isnan(err):
+                worst, worst_case = float("inf"), f"{case} gave NaN ({output})"
+                break
+            if err > worst:
+                worst, worst_case = err, f"{case} ({output})"
         passed = worst <= FP32_TOLERANCE
         ok &= passed
         label = (worst_case or "")[:50]

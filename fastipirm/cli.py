@@ -24,15 +24,36 @@ import sys
 def _cmd_check(args) -> int:
     import torch
 
-    from .check import run_check
-    from .ops import available_backends
+    from .check import run_check, run_masked_check
+    from .ops.backends import ENV, MASKED
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    requested = args.backend or []
     ok = True
+    unknown = [b for b in requested if b not in ENV.backends and b not in MASKED.backends]
+    if unknown:
+        print(f"unknown backend(s) {unknown}; known: env_contrastive_loss {sorted(ENV.backends)}, "
+              f"masked_contrastive_loss {sorted(MASKED.backends)}")
+        ok = False
+    checked = set()
     for device in devices:
-        backends = args.backend or available_backends(device)
-        ok &= run_check(backends, quick=args.quick, device=device)
-    print("all backends agree with the reference" if ok else "FAILED: a backend disagrees")
+        # one table per op: the named backends it has for this device, or all available
+        for registry, run in ((ENV, run_check), (MASKED, run_masked_check)):
+            if requested:
+                names = [b for b in requested if b in registry.backends
+                         and device in registry.backends[b].devices]
+                if not names:
+                    continue
+            else:
+                names = registry.available(device)
+            checked.update(names)
+            ok &= run(names, quick=args.quick, device=device)
+    missed = [b for b in requested if b not in checked and b not in unknown]
+    if missed:
+        print(f"backend(s) {missed} run on none of the devices here ({', '.join(devices)})")
+        ok = False
+    print("all backends of both ops agree with their references" if ok
+          else "FAILED: a backend disagrees")
     return 0 if ok else 1
 
 
@@ -182,9 +203,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastipirm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check", help="compare every available backend with the reference")
+    p = sub.add_parser("check", help="compare every available backend of env_contrastive_loss "
+                                     "and masked_contrastive_loss with the op's reference")
     p.add_argument("--backend", action="append",
-                   help="only this backend (repeatable); default: all available")
+                   help="only this backend (repeatable; each op checks the named backends it "
+                        "has); default: all available")
     p.add_argument("--quick", action="store_true", help="fewer cases")
     p.set_defaults(func=_cmd_check)
 

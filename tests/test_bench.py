@@ -400,7 +400,7 @@ def test_targets_apply_only_to_the_settings_they_were_set_for():
     whole = {"benchmark": "all", "rows": [], "parts": {"maximize": record}, "estimate": {}}
     assert targets.check(whole) == [(key, 30.0, False)]
     assert "105,000" in targets.describe(key) and targets.applies("not/a/target", record)
-    cpu = targets.bounds("cpu")
+    cpu = {k: b for k, b in targets.bounds("cpu").items() if k.startswith("cpu_ratio/")}
     assert set(cpu) == {f"cpu_ratio/B=512/D=128/M=16/threads=1/{m}/torch_over_cpu"
                         for m in ("hard", "soft")}
     assert all(b == {"min": targets.CPU_RATIO["min"]} for b in cpu.values())
@@ -463,14 +463,16 @@ def test_gpu_check_tiny_cpu_run(capsys, tmp_path):
     record = json.loads(path.read_text())
     assert record["mode"] == "cpu"
     assert [r["phase"] for r in record["rows"]] == ["info", "check", "gpu-tests", "kernels",
-                                                    "step", "maximize"]
+                                                    "masked", "step", "maximize"]
     for r in record["rows"]:
         assert r["status"] == "ok" and Path(r["log"]).exists(), r
     records = {r["phase"]: json.loads(Path(r["record"]).read_text())["benchmark"]
                for r in record["rows"] if r["record"]}
-    assert records == {"kernels": "kernels", "step": "step", "maximize": "maximize"}
+    assert records == {"kernels": "kernels", "masked": "masked", "step": "step",
+                       "maximize": "maximize"}
     keys = {r["phase"]: r["key"] for r in record["rows"]}
-    assert keys["check"] == "all backends agree with the reference"
+    assert keys["check"] == "all backends of both ops agree with their references"
     assert "skipped" in keys["gpu-tests"] and "P=2: fastipirm" in keys["step"]
+    assert keys["masked"].startswith("CL-ICA l1 B=64: ")
     table = out[out.index("gpu-check (cpu run"):]
     assert "phase" in table and "maximize" in table and f"wrote {path}" in out

@@ -7,10 +7,11 @@ Four layers, so that a machine without a GPU still checks what it can:
   bindings against the installed torch's headers (a CPU build of torch ships the c10/cuda headers;
   linking needs a CUDA build, so it is not attempted);
 * the kernels' logic on the CPU: the ``.cu`` compiled by g++ against a small host emulation of the
-  CUDA runtime (one std::thread per CUDA thread, a std::barrier per block, shared memory poisoned
-  with NaNs, a wmma stand-in with the documented fragment semantics) and run through the shared
-  fused glue against the float64 reference. It checks indexing, masks, row shifts, column windows
-  and barriers; it does not check the hardware's wmma fragments, timing or races between warps;
+  CUDA runtime (tests/cuda_emulation.py: one std::thread per CUDA thread, a std::barrier per
+  block, shared memory poisoned with NaNs, a wmma stand-in with the documented fragment
+  semantics) and run through the shared fused glue against the float64 reference. It checks
+  indexing, masks, row shifts, column windows and barriers; it does not check the hardware's
+  wmma fragments, timing or races between warps;
 * loader and registry checks (no extension needed);
 * ``gpu`` tests (skipped without CUDA or without the built extension): the reference sweep on the
   GPU for fp32/fp16/bf16 (the tolerance conventions of tests/test_triton_backend.py), opcheck, a
@@ -20,8 +21,6 @@ Fresh random inputs every run; a failing case prints its seed (replay with
 ``FASTIPIRM_TEST_SEED=<seed>``).
 """
 import ctypes
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cuda_emulation import FEAT_TYPE, build_library, cuda_include, emulation_source, ptr
+from cuda_emulation import nvcc as _nvcc
 from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, check_compiled_step,
                              make_inputs, op_kwargs, outputs_and_grads, relative_error)
 from fastipirm.ops import PENALTIES, env_contrastive_loss_reference
@@ -72,10 +73,6 @@ def assert_within_twice_base(got, truth, base, floor, what):
 
 
 # ------------------------------------------------------------------ compile checks (no GPU)
-def _nvcc():
-    return shutil.which("nvcc")
-
-
 def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
     """``nvcc -c`` of the kernel translation unit (no torch headers in it), with the half-type
     restrictions torch's extension builder adds (no implicit half/bfloat16 conversions)."""
@@ -92,24 +89,12 @@ def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
     assert (tmp_path / "kernels.o").stat().st_size > 0
 
 
-def _cuda_include():
-    """The CUDA toolkit's include directory (cuda_runtime_api.h), or None."""
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = _nvcc()
-    if nvcc:
-        cands.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
-            return str(Path(c) / "include")
-    return None
-
-
 def test_bindings_syntax_against_torch_headers():
     """``g++ -fsyntax-only`` of the torch bindings (schemas, TORCH_CHECKs, guards, stream):
     catches C++ errors without a CUDA build of torch. Linking needs libc10_cuda: not attempted."""
     from torch.utils.cpp_extension import include_paths
     cxx = shutil.which("g++") or shutil.which("c++")
-    cuda_inc = _cuda_include()
+    cuda_inc = cuda_include()
     if cxx is None or cuda_inc is None:
         pytest.skip("needs g++ and the CUDA toolkit headers (cuda_runtime_api.h)")
     tinc = include_paths()
@@ -136,141 +121,6 @@ def test_nvcc_flags_target_ampere_and_hopper_without_fast_math():
 
 
 # ------------------------------------------------------------------ the kernels emulated on a CPU
-_EMU_HEADERS = {
-    "cuda_runtime.h": r"""
-#pragma once
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <thread>
-#include <type_traits>
-#include <vector>
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__
-#define __align__(n) alignas(n)
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-inline thread_local dim3 threadIdx;
-inline thread_local dim3 blockIdx;
-typedef int cudaError_t;
-typedef void* cudaStream_t;
-constexpr int cudaSuccess = 0;
-constexpr int cudaErrorInvalidValue = 1;
-constexpr int cudaFuncAttributeMaxDynamicSharedMemorySize = 8;
-template <typename K> inline int cudaFuncSetAttribute(K, int, int) { return 0; }
-inline int cudaGetLastError() { return 0; }
-inline int min(int a, int b) { return a < b ? a : b; }
-using std::exp2f; using std::fmaf; using std::fmaxf;
-namespace emu {
-inline std::barrier<>* g_bar = nullptr;
-alignas(1024) inline unsigned char g_smem[160 * 1024];
-inline int g_error = 0;
-inline unsigned char* smem() { return g_smem; }
-template <typename K, typename... A>
-void launch(K kernel, int grid, int block, size_t smem_bytes, cudaStream_t, A... args) {
-  if (smem_bytes > 99 * 1024 || block != 256) { g_error = 1; return; }
-  for (int b = 0; b < grid; ++b) {
-    const uint32_t nan = 0x7fc00000u;  // poison: reading an unwritten element gives NaN
-    for (size_t i = 0; i < sizeof(g_smem) / 4; ++i) memcpy(g_smem + 4 * i, &nan, 4);
-    std::barrier<> bar(block);
-    g_bar = &bar;
-    std::vector<std::thread> ts;
-    for (int t = 0; t < block; ++t)
-      ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = b; kernel(args...); });
-    for (auto& th : ts) th.join();
-  }
-}
-}  // namespace emu
-inline void __syncthreads() { emu::g_bar->arrive_and_wait(); }
-""",
-    "cuda_runtime_api.h": '#pragma once\n#include "cuda_runtime.h"\n',
-    "cuda_fp16.h": r"""
-#pragma once
-#include "cuda_runtime.h"
-typedef _Float16 __half;
-typedef __half half;
-inline __half __float2half(float x) { return (__half)x; }
-inline float __half2float(__half x) { return (float)x; }
-""",
-    "cuda_bf16.h": r"""
-#pragma once
-#include "cuda_runtime.h"
-struct __nv_bfloat16 {
-  uint16_t bits;
-  operator float() const {
-    uint32_t u = uint32_t(bits) << 16; float f; memcpy(&f, &u, 4); return f; }
-};
-inline __nv_bfloat16 __float2bfloat16(float f) {
-  uint32_t u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1);
-  __nv_bfloat16 b; b.bits = uint16_t(u >> 16); return b; }
-inline float __bfloat162float(__nv_bfloat16 b) { return float(b); }
-""",
-    "mma.h": r"""
-#pragma once
-#include "cuda_runtime.h"
-#include "cuda_fp16.h"
-#include "cuda_bf16.h"
-// every lane of a warp holds (and computes) the whole matrix; lane 0 stores it
-namespace nvcuda { namespace wmma {
-struct matrix_a {}; struct matrix_b {}; struct accumulator {};
-struct row_major {}; struct col_major {};
-namespace precision { struct tf32 {}; }
-enum layout_t { mem_row_major, mem_col_major };
-template <typename U> struct elem { using type = U; };
-template <> struct elem<precision::tf32> { using type = float; };
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr int R = std::is_same<Use, matrix_b>::value ? K : M;
-  static constexpr int C = std::is_same<Use, matrix_a>::value ? K : N;
-  static constexpr int num_elements = R * C;
-  typename elem<T>::type x[R * C];  // x[r * C + c]
-};
-inline float __float_to_tf32(float f) {
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7f800000u) != 0x7f800000u) { u += 0x1000u; u &= 0xffffe000u; }
-  float g; memcpy(&g, &u, 4); return g;
-}
-template <typename Use, int M, int N, int K, typename T, typename L, typename P>
-void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
-  using F = fragment<Use, M, N, K, T, L>;
-  for (int r = 0; r < F::R; ++r)
-    for (int c = 0; c < F::C; ++c)
-      f.x[r * F::C + c] = std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r];
-}
-template <int M, int N, int K, typename T>
-void fill_fragment(fragment<accumulator, M, N, K, T>& f, T v) { for (auto& e : f.x) e = v; }
-template <int M, int N, int K, typename TA, typename LA, typename LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d,
-              const fragment<matrix_a, M, N, K, TA, LA>& a,
-              const fragment<matrix_b, M, N, K, TA, LB>& b,
-              const fragment<accumulator, M, N, K, float>& c) {
-  float out[M * N];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += float(a.x[i * K + k]) * float(b.x[k * N + j]);
-      out[i * N + j] = s;
-    }
-  memcpy(d.x, out, sizeof(out));
-}
-template <int M, int N, int K>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
-                       layout_t l) {
-  if (threadIdx.x % 32 != 0) return;
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c)
-      (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
-}
-}}  // namespace nvcuda::wmma
-""",
-}
-
 _EMU_HARNESS = r"""
 #include "kernels_emu.cpp"
 using namespace fastipirm_cuda;
@@ -297,46 +147,12 @@ int emu_smem(int which, int ft, int tf, int a, int b) {
 
 def _emulation_source() -> str:
     """The kernel file with its two device-only constructs rewritten for the host emulation."""
-    src = KERNELS_CU.read_text()
-    decl = "extern __shared__ __align__(128) unsigned char smem[];"
-    if src.count(decl) != 3:
-        pytest.fail("the emulation expects the three kernels to declare `" + decl + "`; update "
-                    "tests/test_cuda_backend.py with the kernel file")
-    src = src.replace(decl, "unsigned char* smem = emu::smem();")
-    src, n = re.subn(r"(\w+)<<<(.*?)>>>\(", r"emu::launch(\1, \2, ", src)
-    if n != 4:
-        pytest.fail(f"the emulation expects 4 kernel launches `k<<<...>>>(` on one line, found "
-                    f"{n}; update tests/test_cuda_backend.py with the kernel file")
-    return src
+    return emulation_source(KERNELS_CU, 3, 4, "tests/test_cuda_backend.py")
 
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("needs g++ (C++20, <barrier>) for the host emulation of the CUDA kernels")
-    d = tmp_path_factory.mktemp("cuda_emu")
-    (d / "include").mkdir()
-    for name, text in _EMU_HEADERS.items():
-        (d / "include" / name).write_text(text)
-    (d / "kernels_emu.cpp").write_text(_emulation_source())
-    (d / "harness.cpp").write_text(_EMU_HARNESS)
-    so = d / "libemu.so"
-    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                           f"-I{d / 'include'}", f"-I{ROOT / 'csrc'}", "-o", str(so),
-                           str(d / "harness.cpp")], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and ("barrier" in proc.stderr and "No such file" in proc.stderr
-                                 or "_Float16" in proc.stderr):
-        pytest.skip("this g++ lacks <barrier> or _Float16: " + proc.stderr[-500:])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return ctypes.CDLL(str(so))
-
-
-_FEAT_TYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+    return build_library(tmp_path_factory.mktemp("cuda_emu"), _emulation_source(), _EMU_HARNESS)
 
 
 class EmulatedKernels(FusedKernels):
@@ -353,8 +169,8 @@ class EmulatedKernels(FusedKernels):
         spos, w2 = spos.float().contiguous(), w2.float().contiguous()
         mrow, zn = torch.empty(n), torch.empty(n, m)
         znt = torch.empty(n, m) if two_t else None
-        rc = self.lib.emu_rowstats(_ptr(feats), _FEAT_TYPE[feats.dtype], self.tf32, _ptr(spos),
-                                   _ptr(w2), _ptr(mrow), _ptr(zn), _ptr(znt), n, d, m, batch,
+        rc = self.lib.emu_rowstats(ptr(feats), FEAT_TYPE[feats.dtype], self.tf32, ptr(spos),
+                                   ptr(w2), ptr(mrow), ptr(zn), ptr(znt), n, d, m, batch,
                                    ctypes.c_float(t1), ctypes.c_float(t2), int(two_t))
         assert rc == 0, rc
         return mrow, zn, (znt if two_t else zn)
@@ -364,8 +180,8 @@ class EmulatedKernels(FusedKernels):
         g = fac.shape[2]
         fac = fac.float().contiguous()
         out = torch.empty(nb_out, n, g)
-        rc = self.lib.emu_band(_ptr(feats), _FEAT_TYPE[feats.dtype], self.tf32, _ptr(mrow),
-                               _ptr(fac), _ptr(out), n, d, g, batch, ctypes.c_float(t2),
+        rc = self.lib.emu_band(ptr(feats), FEAT_TYPE[feats.dtype], self.tf32, ptr(mrow),
+                               ptr(fac), ptr(out), n, d, g, batch, ctypes.c_float(t2),
                                int(trans), nb)
         assert rc == 0, rc
         return out
@@ -378,9 +194,9 @@ class EmulatedKernels(FusedKernels):
         rc, gacc = rc.contiguous(), gacc.contiguous()
         df = torch.empty(n, d)
         gw = torch.empty(n, m) if need_gw else None
-        err = self.lib.emu_grad(_ptr(feats), _FEAT_TYPE[feats.dtype], self.tf32, _ptr(mrow),
-                                _ptr(w2), _ptr(gz1), _ptr(gz2), _ptr(rc), _ptr(gacc), _ptr(df),
-                                _ptr(gw), n, d, m, g, batch, ctypes.c_float(t1),
+        err = self.lib.emu_grad(ptr(feats), FEAT_TYPE[feats.dtype], self.tf32, ptr(mrow),
+                                ptr(w2), ptr(gz1), ptr(gz2), ptr(rc), ptr(gacc), ptr(df),
+                                ptr(gw), n, d, m, g, batch, ctypes.c_float(t1),
                                 ctypes.c_float(t2), int(two_t), nb, int(need_gw))
         assert err == 0, err
         return df, gw

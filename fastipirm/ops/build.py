@@ -66,11 +66,13 @@ _BUILD = "`pip install --no-build-isolation -e .`"
 _JIT = "set FASTIPIRM_JIT_BUILD=1 to compile it on first use"
 
 CPU_EXTENSION = ExtensionSpec(
-    "fastipirm._C", "fastipirm_cpu_ext", ("csrc/env_contrastive_cpu.cpp",), cuda=False,
+    "fastipirm._C", "fastipirm_cpu_ext",
+    ("csrc/env_contrastive_cpu.cpp", "csrc/masked_contrastive_cpu.cpp"), cuda=False,
     what="the C++ extension", install_hint=f"install with {_BUILD}, or {_JIT}")
 CUDA_EXTENSION = ExtensionSpec(
     "fastipirm._cuda", "fastipirm_cuda_ext",
-    ("csrc/env_contrastive_cuda.cpp", "csrc/env_contrastive_cuda_kernels.cu"), cuda=True,
+    ("csrc/env_contrastive_cuda.cpp", "csrc/env_contrastive_cuda_kernels.cu",
+     "csrc/masked_contrastive_cuda.cpp", "csrc/masked_contrastive_cuda_kernels.cu"), cuda=True,
     what="the CUDA extension",
     install_hint=f"install with {_BUILD} on a machine with a CUDA build of torch and nvcc "
                  f"(FASTIPIRM_CUDA=1 forces the CUDA build), or {_JIT}")

@@ -9,7 +9,6 @@ as plain scalars (the one place the spec is flattened).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +29,12 @@ def _spec(code: int, p: float, temperature: float, include_self: bool,
 
 def _flat(spec: MaskedContrastiveSpec) -> tuple:
     return spec.code, spec.exponent, spec.temperature, spec.include_self, spec.key_penalty
+
+
+def _out_dtype(q: Tensor) -> torch.dtype:
+    """The losses' dtype: float64 for float64 inputs (even where a kernel set computes in
+    float32), float32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -62,14 +67,15 @@ def register(kern: MaskedKernels) -> Callable:
         spec = _spec(code, p, temperature, include_self, key_penalty)
         inp = _inputs(kern, q, k, pos, idx, tw, qg, kg, self_index, w, c)
         losses, g, (m, z, a) = forward(kern, inp, spec)
-        return [losses.clone(), g.clone(), m, z, a]
+        out = _out_dtype(q)
+        return [losses.to(out, copy=True), g.to(out, copy=True), m, z, a]
 
     @fwd.register_fake
     def _(q, k, pos, idx, tw, qg, kg, self_index, w, c, code, p, temperature, include_self,
           key_penalty):
-        sd = kern.stat_dtype(q.dtype)
+        sd, out = kern.stat_dtype(q.dtype), _out_dtype(q)
         n_q, n_k = q.shape[0], k.shape[0] if key_penalty else 0
-        return [q.new_empty(n_q, dtype=sd), q.new_empty(n_k, dtype=sd),
+        return [q.new_empty(n_q, dtype=out), q.new_empty(n_k, dtype=out),
                 q.new_empty(n_q, dtype=sd), q.new_empty(n_q, dtype=sd),
                 q.new_empty(n_k, dtype=sd)]
 
@@ -125,13 +131,24 @@ def register(kern: MaskedKernels) -> Callable:
     return impl
 
 
-#: kernel set name -> the module of fastipirm.ops that builds it (its ``kernels()``)
-KERNEL_MODULES = {"torch": "masked_torch", "cpu": "masked_cpu", "triton": "masked_triton",
-                  "cuda": "masked_cuda"}
+def _kernel_module(name: str):
+    """The module of fastipirm.ops that builds kernel set ``name`` (its ``kernels()``); plain
+    import statements, which dynamo traces (it refuses ``importlib.import_module``), so a
+    compiled step may be the first caller of the op."""
+    if name == "torch":
+        from . import masked_torch as module
+    elif name == "cpu":
+        from . import masked_cpu as module
+    elif name == "triton":
+        from . import masked_triton as module
+    elif name == "cuda":
+        from . import masked_cuda as module
+    else:
+        raise ValueError(f"unknown masked_contrastive_loss kernel set {name!r}")
+    return module
 
 
 def load(name: str) -> Callable:
-    """The backend function of kernel set ``name``: ``fastipirm.ops.<module>.kernels()`` (which
-    raises with the reason when the kernels cannot run here), registered as custom ops."""
-    module = importlib.import_module(f".{KERNEL_MODULES[name]}", __package__)
-    return register(module.kernels())
+    """The backend function of kernel set ``name``: its module's ``kernels()`` (which raises
+    with the reason when the kernels cannot run here), registered as custom ops."""
+    return register(_kernel_module(name).kernels())

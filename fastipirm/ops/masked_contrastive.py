@@ -83,8 +83,8 @@ def masked_contrastive_loss(
         positive_index: (Q,) or (Q, T) int, key columns that are the query's positive(s) (never
             negatives; a repeated column counts once in the denominator), with
         positive_weight: (T,) or (Q, T), the target weights of those columns (each row sums to
-            1; default: one column with weight 1). Exactly one of ``positives`` and
-            ``positive_index``.
+            1; default: one column with weight 1; constants, no gradient flows to them). Exactly
+            one of ``positives`` and ``positive_index``.
         similarity: ``"dot"`` (``q . k``), ``"sqeuclidean"`` (``-|q - k|^2``), ``"l1"``
             (``-|q - k|_1``) or ``"lp"`` (``-sum |q - k|^p``, give ``p >= 1``).
         temperature: divides the similarity.
@@ -98,7 +98,8 @@ def masked_contrastive_loss(
         key_weights: (K,) non-negative weights of the negative columns (targets keep weight 1);
             differentiable.
         penalty_row_weights: (Q,) the weights ``c_i`` of the losses whose key-column gradients
-            ``key_penalty`` returns (default: one over the size of the query's group).
+            ``key_penalty`` returns (default: one over the size of the query's group; constants,
+            no gradient flows to them).
         reduction: ``"mean"`` or ``"sum"`` over the queries, ``"none"``: the (Q,) losses.
         key_penalty: also return ``key_grads`` (K,): ``d(sum_i c_i l_i) / d sigma_j`` where
             ``sigma_j`` scales the logits of key column ``j`` (differentiable).
@@ -183,6 +184,9 @@ def _validated(q, k, pos, idx, tw, qg, kg, self_index, w, c, spec, check_values)
         else:
             if not isinstance(tw, torch.Tensor) or not tw.is_floating_point():
                 raise ValueError("positive_weight must be a floating-point tensor")
+            if tw.requires_grad:
+                raise ValueError("positive_weight requires grad, but no gradient flows to it "
+                                 "(the target weights are constants); pass .detach()")
             if tw.shape not in ((n_t,), (n_q, n_t)):
                 raise ValueError(f"positive_weight must be ({n_t},) or ({n_q}, {n_t}), got "
                                  f"{tuple(tw.shape)}")
@@ -201,7 +205,7 @@ def _validated(q, k, pos, idx, tw, qg, kg, self_index, w, c, spec, check_values)
         _tensor("key_weights", w, 1)
         if w.shape[0] != n_k or not w.is_floating_point() or w.device != q.device:
             raise ValueError(f"key_weights must be a floating-point ({n_k},) tensor on "
-                             f"{q.device}, got {tuple(w.shape)} {w.dtype}")
+                             f"{q.device}, got {tuple(w.shape)} {w.dtype} on {w.device}")
     if c is None:
         exact = torch.float64 if q.dtype == torch.float64 else torch.float32
         if qg is None:
@@ -211,8 +215,15 @@ def _validated(q, k, pos, idx, tw, qg, kg, self_index, w, c, spec, check_values)
             c = 1.0 / counts[inverse].to(exact)
     else:
         _tensor("penalty_row_weights", c, 1)
-        if c.shape[0] != n_q or not c.is_floating_point():
-            raise ValueError(f"penalty_row_weights must be a floating-point ({n_q},) tensor")
+        if c.shape[0] != n_q or not c.is_floating_point() or c.device != q.device:
+            raise ValueError(f"penalty_row_weights must be a floating-point ({n_q},) tensor on "
+                             f"{q.device}, got {tuple(c.shape)} {c.dtype} on {c.device}")
+        if c.requires_grad:
+            raise ValueError("penalty_row_weights requires grad, but no gradient flows to it "
+                             "(key_grads are not differentiated w.r.t. their row weights); "
+                             "pass .detach()")
+        if check_values and not _compiling() and not bool(torch.isfinite(c).all()):
+            raise ValueError("penalty_row_weights must be finite")
     if check_values and not _compiling():
         _check_values(q, k, pos, idx, tw, qg, kg, self_index, w, spec, own_keys)
     return Inputs(q, k, pos, idx, tw, qg, kg, self_index, w, c)

@@ -29,9 +29,12 @@ in its row of ``exclude`` (its own column unless ``include_self``, and its targe
 The kernel contract (:class:`MaskedKernels`; every sum runs over negative pairs only, ``m`` is
 the row shift of ``rowstats``):
 
-* ``rowstats(q, k, w, geo, m0) -> (m, z)``: ``m_i = max(m0_i, max_j x_ij)``,
-  ``z_i = sum_j w_j e^{x_ij - m_i}``;
-* ``colsum(q, k, geo, m, rho, sigma) -> a``: ``a_j = sum_i e^{x_ij - m_i} (rho_i x_ij + sigma_i)``;
+* ``rowstats(q, k, w, geo, m0) -> (m, z)``: ``m_i = max(m0_i, max_{j: w_j > 0} x_ij)``,
+  ``z_i = sum_j w_j e^{x_ij - m_i}`` (a zero-weight column sets no shift and adds nothing, also
+  in ``rowsum`` and ``grad``, where its ``e^{x_ij - m_i}`` may overflow: ``0 * inf`` must not
+  become NaN);
+* ``colsum(q, k, geo, m, rho, sigma) -> a``: ``a_j = sum_i e^{x_ij - m_i} (rho_i x_ij + sigma_i)``
+  (unweighted: for a zero-weight column it is the true, possibly overflowing, derivative);
 * ``rowsum(q, k, w, geo, m, gamma) -> r``: ``r_i = sum_j w_j gamma_j e^{x_ij - m_i} x_ij``;
 * ``grad(q, k, w, geo, m, alpha, beta, gamma) -> (dq, dk)`` with
   ``G_ij = w_j e^{x_ij - m_i} (alpha_i + beta_i gamma_j (1 + x_ij))`` (``gamma`` None: no second
@@ -80,8 +83,10 @@ class MaskedKernels(ABC):
         return torch.float64 if dtype == torch.float64 else torch.float32
 
     def feats(self, t: Tensor) -> Tensor:
-        """A feature tensor (queries, keys, positives) as the kernels read it (default: the
-        statistics dtype, contiguous)."""
+        """A feature tensor (queries, keys, positives) as the glue computes with it: the
+        statistics dtype, contiguous (the targets' logits and gradients are torch code on it). A
+        kernel set that reads another representation (fp16/bf16 for tensor cores) keeps it on the
+        returned tensor itself (the Triton and CUDA sets attach the 16-bit original)."""
         return t.to(self.stat_dtype(t.dtype)).contiguous()
 
     @abstractmethod
@@ -165,7 +170,8 @@ def forward(kern: MaskedKernels, inp: Inputs, spec: MaskedContrastiveSpec):
     if not spec.key_penalty:
         return losses, losses.new_empty(0), (m, z, losses.new_empty(0))
     a = kern.colsum(inp.q, inp.k, geo, m, inp.c / zt, torch.zeros_like(zt))
-    g = inp.w * a
+    # (a zero-weight column's a_j may overflow: it is the unshifted sum of its exponentials)
+    g = torch.where(inp.w > 0, inp.w * a, torch.zeros_like(a))
     if inp.idx is not None:       # target columns: c_i (P_it [first] - u_it) x_it
         g = g.index_add(0, inp.idx.reshape(-1),
                         (inp.c[:, None] * (et / zt[:, None] - tw) * xt).reshape(-1))

@@ -3,7 +3,8 @@ plainly, the oracle every backend is tested against.
 
 It builds the whole ``Q x K`` logit matrix (for the distances through the ``Q x K x D``
 difference tensor), takes each query's terms in a Python loop (its positive or target columns,
-then its negatives with their weights) and their log-sum-exp, and obtains the per-key-column
+then its negatives with their weights) and their log-sum-exp (shifted by the largest logit of
+the row whose weight is not zero), and obtains the per-key-column
 gradients of the penalty by ``autograd.grad(create_graph=True)`` w.r.t. a dummy vector of ones
 that scales the key columns' logits. Slow on purpose; any floating dtype (float64 for tests).
 """
@@ -58,7 +59,7 @@ def masked_contrastive_loss_reference(
     losses = []
     for i in range(n_q):
         targets = [] if positive_index is None else positive_index[i].tolist()
-        terms, numerator = [], None
+        terms, weighted, numerator = [], [], None
         if positives is not None:
             terms.append(pos_logits[i])
             numerator = pos_logits[i]
@@ -75,13 +76,19 @@ def masked_contrastive_loss_reference(
                 continue
             if self_index is not None and j == int(self_index[i]) and not include_self:
                 continue
-            if key_weights is not None:
-                if float(key_weights[j].detach()) == 0:
-                    continue
-                terms.append(logits[i, j] + torch.log(key_weights[j].to(q.dtype)))
-            else:
-                terms.append(logits[i, j])
-        losses.append(torch.logsumexp(torch.stack(terms), 0) - numerator)
+            weight = None if key_weights is None else key_weights[j].to(q.dtype)
+            weighted.append((logits[i, j], weight))
+        # log(sum_t e^{x_t} + sum_j w_j e^{x_j}), shifted by the largest logit that counts (a
+        # zero-weight column keeps its derivative e^{x_j} / Z in w_j but sets no shift)
+        shift = torch.stack(terms + [x for x, w in weighted if w is None or float(w.detach()) > 0])
+        shift = shift.detach().max()
+        total = torch.exp(torch.stack(terms) - shift).sum()
+        for x, w in weighted:
+            e = torch.exp(x - shift)
+            if w is not None and float(w.detach()) == 0 and not bool(torch.isfinite(e)):
+                continue                          # 0 * inf: the term is 0 (its w-derivative inf)
+            total = total + e * (1.0 if w is None else w)
+        losses.append(torch.log(total) + shift - numerator)
     losses = torch.stack(losses)
     if reduction == "mean":
         loss = losses.mean()
@@ -97,6 +104,9 @@ def masked_contrastive_loss_reference(
         else:
             same = (query_groups[:, None] == query_groups[None, :]).sum(1)
             penalty_row_weights = 1.0 / same.to(q.dtype)
-    weighted = (penalty_row_weights.to(q.dtype) * losses).sum()
-    (key_grads,) = torch.autograd.grad(weighted, dummy, create_graph=True)
+    penalty = (penalty_row_weights.to(q.dtype) * losses).sum()
+    if not penalty.requires_grad:         # no negative pair anywhere: nothing depends on dummy
+        return loss, torch.zeros_like(dummy.detach())
+    (key_grads,) = torch.autograd.grad(penalty, dummy, create_graph=True,
+                                       materialize_grads=True)
     return loss, key_grads

@@ -54,6 +54,13 @@ class TorchMaskedKernels(MaskedKernels):
                 yield r, c, mask, pairwise(q[r], k[c], geo.code, geo.p) * geo.inv_t
 
     @staticmethod
+    def _weighted(mask, w: Tensor):
+        """``mask`` without the zero-weight columns (they set no row shift, and ``0 * e^{x - m}``
+        must not become NaN when that exponential overflows)."""
+        nonzero = (w > 0)[None, :]
+        return nonzero if mask is None else mask & nonzero
+
+    @staticmethod
     def _exp(x: Tensor, m: Tensor, mask) -> Tensor:
         e = torch.exp(x - m[:, None])
         return e if mask is None else torch.where(mask, e, torch.zeros((), dtype=e.dtype,
@@ -63,7 +70,8 @@ class TorchMaskedKernels(MaskedKernels):
         m = m0.clone()
         z = torch.zeros_like(m0)
         for r, c, mask, x in self._tiles(q, k, geo):
-            xm = x if mask is None else x.masked_fill(~mask, float("-inf"))
+            mask = self._weighted(mask, w[c])
+            xm = x.masked_fill(~mask, float("-inf"))
             new = torch.maximum(m[r], xm.amax(1))
             scale = torch.where(torch.isfinite(new), torch.exp(m[r] - new), 1.0)
             z[r] = z[r] * scale + (self._exp(x, new, mask) * w[c]).sum(1)
@@ -80,6 +88,7 @@ class TorchMaskedKernels(MaskedKernels):
     def rowsum(self, q, k, w, geo, m, gamma):
         out = torch.zeros_like(m)
         for r, c, mask, x in self._tiles(q, k, geo):
+            mask = self._weighted(mask, w[c])
             out[r] += (self._exp(x, m[r], mask) * x * (w[c] * gamma[c])).sum(1)
         return out
 
@@ -90,7 +99,7 @@ class TorchMaskedKernels(MaskedKernels):
             coef = alpha[r, None]
             if gamma is not None:
                 coef = coef + beta[r, None] * gamma[c] * (1.0 + x)
-            g = self._exp(x, m[r], mask) * w[c] * coef * geo.inv_t
+            g = self._exp(x, m[r], self._weighted(mask, w[c])) * w[c] * coef * geo.inv_t
             gq, gk = pairwise_grads(g, q[r], k[c], geo.code, geo.p)
             dq[r] += gq
             dk[c] += gk
