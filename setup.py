@@ -52,8 +52,8 @@ def _packages():
 
 
 def _extension(kind, ext):
-    return kind(ext.module, list(ext.sources), extra_compile_args=ext.compile_args(),
-                extra_link_args=ext.link_args())
+    return kind(ext.module, list(ext.sources), depends=list(ext.depends),
+                extra_compile_args=ext.compile_args(), extra_link_args=ext.link_args())
 
 
 def _extensions():

@@ -129,6 +129,25 @@ def figure(value, higher_is_better: bool) -> dict:
     return {"value": float(value), "higher_is_better": higher_is_better}
 
 
+def row_figures(record: dict, metrics: dict, key) -> dict:
+    """The figures of a record whose ``rows`` hold the metrics: ``{key(row, metric):
+    figure(row[metric], higher)}`` for every ok row and every ``metric: higher_is_better`` of
+    ``metrics`` the row has."""
+    return {key(row, metric): figure(row[metric], higher)
+            for row in record["rows"] if row.get("status") == "ok"
+            for metric, higher in metrics.items() if row.get(metric) is not None}
+
+
+def ratio(num, den):
+    """``num / den``, or None when either is missing (or ``den`` is 0)."""
+    return num / den if num is not None and den else None
+
+
+def fmt(value, spec: str) -> str:
+    """``value`` formatted by ``spec``, ``-`` for None (table cells)."""
+    return format(value, spec) if value is not None else "-"
+
+
 def sync(device) -> None:
     """Wait for the work queued on ``device`` (a CUDA device; nothing on the CPU)."""
     import torch

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .harness import fmt, ratio
+
 NAME = "kernels"
 SPECIAL = ("reference", "torch.compile")     # implementations that are not backends
 GPU_SIZES, CPU_SIZES, SMALL_SIZES = (512, 2048, 8192, 16384), (512,), (16, 64)
@@ -159,9 +161,6 @@ def _input_sets(n: int, m: int, dim: int, soft: bool, dtype, device: str, count:
     return sets
 
 
-def _ratio(num, den):
-    return num / den if num is not None and den else None
-
 
 def run(args: argparse.Namespace) -> dict:
     """Time every implementation at every size; return the record (not saved)."""
@@ -248,9 +247,10 @@ def _add_ratios(group: list) -> None:
         for base, tag in (("reference", "reference"), ("torch", "torch"),
                           ("torch.compile", "compile")):
             if base in ok:
-                r[f"x_{tag}"] = _ratio(ok[base]["median_ms"], r["median_ms"])
+                r[f"x_{tag}"] = ratio(ok[base]["median_ms"], r["median_ms"])
                 if tag != "torch":
-                    r[f"memory_over_{tag}"] = _ratio(r.get("peak_mib"), ok[base].get("peak_mib"))
+                    r[f"memory_over_{tag}"] = ratio(r.get("peak_mib"),
+                                                    ok[base].get("peak_mib"))
 
 
 FIGURES = {"median_ms": False, "peak_mib": False, "x_reference": True, "x_torch": True,
@@ -265,15 +265,10 @@ def figure_key(row: dict, metric: str) -> str:
 
 def figures(record: dict) -> dict:
     """The comparable numbers of a kernels record (see ``bench.baselines``)."""
-    from .harness import figure
+    from .harness import row_figures
 
-    return {figure_key(row, metric): figure(row[metric], higher)
-            for row in record["rows"] if row.get("status") == "ok"
-            for metric, higher in FIGURES.items() if row.get(metric) is not None}
+    return row_figures(record, FIGURES, figure_key)
 
-
-def _num(value, fmt):
-    return format(value, fmt) if value is not None else "-"
 
 
 def format_table(record: dict) -> str:
@@ -295,10 +290,10 @@ def format_table(record: dict) -> str:
             continue
         lines.append(
             f"{lead} {r['median_ms']:>10.3f} {r['p20_ms']:>9.3f} {r['p80_ms']:>9.3f} "
-            f"{r['tflops']:>8.3g} {_num(r.get('peak_mib'), '.1f'):>9} "
-            f"{_num(r.get('x_reference'), '.2f'):>7} {_num(r.get('x_torch'), '.2f'):>7} "
-            f"{_num(r.get('x_compile'), '.2f'):>9} "
-            f"{_num(r.get('memory_over_reference'), '.3f'):>8} "
-            f"{_num(r.get('memory_over_compile'), '.3f'):>8}  ok")
+            f"{r['tflops']:>8.3g} {fmt(r.get('peak_mib'), '.1f'):>9} "
+            f"{fmt(r.get('x_reference'), '.2f'):>7} {fmt(r.get('x_torch'), '.2f'):>7} "
+            f"{fmt(r.get('x_compile'), '.2f'):>9} "
+            f"{fmt(r.get('memory_over_reference'), '.3f'):>8} "
+            f"{fmt(r.get('memory_over_compile'), '.3f'):>8}  ok")
     return "\n".join(lines)
 

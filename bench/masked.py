@@ -41,6 +41,8 @@ import os
 import sys
 from typing import Callable, Optional
 
+from .harness import fmt, ratio
+
 NAME = "masked"
 FORMS = ("clica", "dcodr", "mixup")
 # CL-ICA variants: name -> (similarity of the op, its p, the official power p)
@@ -545,9 +547,6 @@ def _cpu_memory(jobs: list[dict]) -> list[dict]:
     return out
 
 
-def _ratio(num, den):
-    return num / den if num is not None and den else None
-
 
 def _add_ratios(group: list, dtype: str) -> None:
     """Time and memory as fractions of the official row's, and the loss's relative difference
@@ -557,8 +556,8 @@ def _add_ratios(group: list, dtype: str) -> None:
     for r in group:
         if r["status"] != "ok" or off is None:
             continue
-        r["time_over_official"] = _ratio(r["median_ms"], off["median_ms"])
-        r["memory_over_official"] = _ratio(r.get("peak_mib"), off.get("peak_mib"))
+        r["time_over_official"] = ratio(r["median_ms"], off["median_ms"])
+        r["memory_over_official"] = ratio(r.get("peak_mib"), off.get("peak_mib"))
         r["loss_rel_diff"] = abs(r["loss"] - off["loss"]) / max(abs(off["loss"]), 1e-30)
         if r["loss_rel_diff"] > LOSS_TOL[dtype]:
             r["status"] = f"ok, but the loss differs from the official by {r['loss_rel_diff']:.2g}"
@@ -672,15 +671,10 @@ def figure_key(row: dict, metric: str) -> str:
 
 def figures(record: dict) -> dict:
     """The comparable numbers of a masked record (see ``bench.baselines``)."""
-    from .harness import figure
+    from .harness import row_figures
 
-    return {figure_key(row, metric): figure(row[metric], higher)
-            for row in record["rows"] if row.get("status") == "ok"
-            for metric, higher in FIGURES.items() if row.get(metric) is not None}
+    return row_figures(record, FIGURES, figure_key)
 
-
-def _num(value, fmt):
-    return format(value, fmt) if value is not None else "-"
 
 
 def format_table(record: dict) -> str:
@@ -705,7 +699,8 @@ def format_table(record: dict) -> str:
                                 else "")
         lines.append(
             f"{lead} {r['median_ms']:>10.3f} {r['p20_ms']:>9.3f} {r['p80_ms']:>9.3f} "
-            f"{_num(r.get('peak_mib'), '.1f'):>9} {_num(r.get('time_over_official'), '.3f'):>7} "
-            f"{_num(r.get('memory_over_official'), '.4f'):>8} "
-            f"{_num(r.get('loss_rel_diff'), '.1e'):>8}  {status}")
+            f"{fmt(r.get('peak_mib'), '.1f'):>9} "
+            f"{fmt(r.get('time_over_official'), '.3f'):>7} "
+            f"{fmt(r.get('memory_over_official'), '.4f'):>8} "
+            f"{fmt(r.get('loss_rel_diff'), '.1e'):>8}  {status}")
     return "\n".join(lines + report(record))

@@ -12,11 +12,11 @@
 // kTile x kTile tiles (I <= J): one similarity tile S_IJ = F_I F_J^T serves the anchors of I
 // against the columns of J and, transposed, the anchors of J against the columns of I, so each
 // kernel computes half of the similarity. Inner loops are register-blocked GEMM micro-kernels on
-// GCC vector types (AVX-512/AVX2/NEON alike) and a vectorised exponential; tile-local
-// elementwise work (exponentials, masks, the three diagonal bands of the per-slot penalty) is
-// done once per tile. Pairs are split over threads with at::parallel_for (OpenMP); every output
-// is accumulated per thread and the thread copies are summed in thread order, so results are
-// deterministic for a given thread count.
+// GCC vector types (AVX-512/AVX2/NEON alike) and a vectorised exponential (csrc/cpu_simd_gemm.h,
+// shared with the masked kernels); tile-local elementwise work (exponentials, masks, the three
+// diagonal bands of the per-slot penalty) is done once per tile. Pairs are split over threads
+// with at::parallel_for (OpenMP); every output is accumulated per thread and the thread copies
+// are summed in thread order, so results are deterministic for a given thread count.
 //
 // Row shift: the row max of S over the negatives and the positive, found online in rowstats (as in
 // the other backends), so every exponential is <= 1 for any temperature and feature norm.
@@ -26,131 +26,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_simd_gemm.h"
+
 namespace {
 
+using namespace fastipirm::cpu;  // Vec, loadu, storeu, vexp, gemm_acc, padded_rows
+
 constexpr int64_t kTile = 64;
-
-// ------------------------------------------------------------------------------------------------
-// vector helpers and the GEMM micro-kernel
-// ------------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int kLanes = 64 / sizeof(T);
-};
-
-template <typename T>
-inline typename Vec<T>::type loadu(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void storeu(T* p, typename Vec<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// O[RB x NV*L] += A[RB x K] B[K x NV*L]: A[r][k] = a[r * ars + k * aks] (so A may be a transposed
-// tile), B and O row-major with leading dimensions ldb, ldo.
-template <typename T, int RB, int NV>
-inline void micro(int64_t k_dim, const T* __restrict a, int64_t ars, int64_t aks,
-                  const T* __restrict b, int64_t ldb, T* __restrict o, int64_t ldo) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::kLanes;
-  V acc[RB][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = loadu(o + r * ldo + v * L);
-  for (int64_t k = 0; k < k_dim; ++k) {
-    V bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = loadu(b + k * ldb + v * L);
-#if defined(__x86_64__)
-      asm("" : "+v"(bv[v]));  // keep the row of b in a register (GCC re-loads it per FMA)
-#endif
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const T s = a[r * ars + k * aks];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * s;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) storeu(o + r * ldo + v * L, acc[r][v]);
-}
-
-template <typename T, int RB, int NV>
-inline void micro_rows(int64_t rows, int64_t k_dim, const T* a, int64_t ars, int64_t aks,
-                       const T* b, int64_t ldb, T* o, int64_t ldo) {
-  int64_t r = 0;
-  for (; r + RB <= rows; r += RB)
-    micro<T, RB, NV>(k_dim, a + r * ars, ars, aks, b, ldb, o + r * ldo, ldo);
-  for (; r < rows; ++r) micro<T, 1, NV>(k_dim, a + r * ars, ars, aks, b, ldb, o + r * ldo, ldo);
-}
-
-// O[rows x cols] += A[rows x K] B[K x cols], A[r][k] = a[r * ars + k * aks].
-template <typename T>
-void gemm_acc(int64_t rows, int64_t cols, int64_t k_dim, const T* a, int64_t ars, int64_t aks,
-              const T* b, int64_t ldb, T* o, int64_t ldo) {
-  constexpr int L = Vec<T>::kLanes;
-  int64_t c = 0;
-  for (; c + 4 * L <= cols; c += 4 * L)
-    micro_rows<T, 4, 4>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
-  for (; c + 2 * L <= cols; c += 2 * L)
-    micro_rows<T, 6, 2>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
-  for (; c + L <= cols; c += L)
-    micro_rows<T, 8, 1>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
-  if (c < cols) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < k_dim; ++k) {
-        const T s = a[r * ars + k * aks];
-        for (int64_t cc = c; cc < cols; ++cc) o[r * ldo + cc] += s * b[k * ldb + cc];
-      }
-  }
-}
-
-// exp on one vector (Cephes expf: 2^n * p(r), |r| <= ln2/2, ~1 ulp); inputs above 88 are clamped,
-// below -87.3 give 0. Vector-extension code, so it vectorises on any SIMD width.
-inline Vec<float>::type vexp(Vec<float>::type v) {
-  using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
-  const VI under = v < -87.3f;
-  v = v > 88.0f ? V{} + 88.0f : v;
-  v = v < -87.3f ? V{} - 87.3f : v;
-  const V t = v * 1.44269504088896341f + 0.5f;
-  VI n = __builtin_convertvector(t, VI);               // truncation; make it floor
-  n += __builtin_convertvector(n, V) > t;              // true is -1
-  const V fx = __builtin_convertvector(n, V);
-  const V r = v - fx * 0.693359375f + fx * 2.12194440e-4f;
-  V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const V scale = (V)((n + 127) << 23);
-  return under ? V{} : y * scale;
-}
-
-inline void exp_inplace(float* x, int64_t n) {
-  constexpr int L = Vec<float>::kLanes;
-  int64_t k = 0;
-  for (; k + L <= n; k += L) storeu(x + k, vexp(loadu(x + k)));
-  for (; k < n; ++k) x[k] = x[k] < -87.3f ? 0.0f : std::exp(std::min(x[k], 88.0f));
-}
-
-inline void exp_inplace(double* x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) x[k] = std::exp(x[k]);
-}
 
 // ------------------------------------------------------------------------------------------------
 // tiles: padded features, the similarity tile, masks and bands
@@ -168,15 +54,9 @@ inline void tile_mul(const T* x, bool transpose, const T* f, int64_t g, T* o) {
     gemm_acc<T>(kTile, g, kTile, x, kTile, 1, f, g, o, g);
 }
 
-// A (npad, cols) row-major copy of a (rows, cols) tensor with zero rows beyond `rows`, and the
-// (cols, npad) transpose (ATen's copy kernels: O(N D) preparation, not the kernel's hot loop).
-inline at::Tensor padded(const at::Tensor& x, int64_t npad) {
-  if (x.size(0) == npad) return x.contiguous();  // no copy when N is a multiple of kTile
-  return at::constant_pad_nd(x, {0, 0, 0, npad - x.size(0)}).contiguous();
-}
-
+// The (cols, npad) transpose of padded_rows(x, npad) (cpu_simd_gemm.h).
 inline at::Tensor padded_t(const at::Tensor& x, int64_t npad) {
-  return padded(x, npad).t().contiguous();
+  return padded_rows(x, npad).t().contiguous();
 }
 
 template <typename T>
@@ -194,7 +74,7 @@ struct Tiles {
     d = feats.size(1);
     nt = (n + kTile - 1) / kTile;
     npad = nt * kTile;
-    f_t = padded(feats, npad);
+    f_t = padded_rows(feats, npad);
     ft_t = f_t.t().contiguous();
     f = f_t.data_ptr<T>();
     ft = ft_t.data_ptr<T>();
@@ -426,7 +306,7 @@ std::vector<at::Tensor> rowstats_impl(const at::Tensor& feats, const at::Tensor&
   const Tiles<T> t(feats, batch);
   const SimSource<T> src(t, cache, false);
   const int64_t npad = t.npad, mm = w2_t.size(1);
-  const at::Tensor w2_p = padded(w2_t, npad);
+  const at::Tensor w2_p = padded_rows(w2_t, npad);
   const T* w2 = w2_p.data_ptr<T>();
   const T t1 = T(t1_), t2 = T(t2_);
   std::vector<T> init(npad, T(0));
@@ -579,7 +459,7 @@ std::vector<at::Tensor> grad_impl(const at::Tensor& feats, const at::Tensor& mro
   // padded (npad, *) copies and (*, npad) transposes of the O(N M) inputs
   std::vector<at::Tensor> keep;
   auto rows_of = [&](const at::Tensor& x) {
-    keep.push_back(padded(x, npad));
+    keep.push_back(padded_rows(x, npad));
     return keep.back().data_ptr<T>();
   };
   auto cols_of = [&](const at::Tensor& x) {

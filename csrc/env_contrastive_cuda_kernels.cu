@@ -11,8 +11,9 @@
 //   each block owns its output rows: deterministic.
 // * 256 threads (8 warps). The similarity tile S = F_rows F_cols^T (BM x BN, fp32) is computed
 //   over chunks of kKC = 32 feature columns staged in shared memory *transposed* (At[k][row],
-//   Bt[k][col]), then stored to shared memory transposed as well: St[col][row]. Every epilogue
-//   (masks, shifts, exponentials) reads St and writes its result in place.
+//   Bt[k][col]), then stored to shared memory transposed as well: St[col][row] (sim_tile of
+//   cuda_common.cuh, shared with the masked kernels). Every epilogue (masks, shifts,
+//   exponentials) reads St and writes its result in place.
 //   - float16 / bfloat16 features: nvcuda::wmma m16n16k16, fp32 accumulation. A fragment:
 //     col_major from At (A[m][k] = At[k * lda + m]); B fragment: row_major from Bt
 //     (B[k][n] = Bt[k * ldb + n] = F_col[n][k]); the 16 x 16 accumulators of a BM x BN tile are
@@ -43,23 +44,16 @@
 //     + E^T (1 or 2) x 9216 + gZN tiles (1 or 2) x 16384 + vectors 640 -> at most 77440
 #include "env_contrastive_cuda.h"
 
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <mma.h>
-
-#include <math.h>
-#include <stddef.h>
-
-#include <type_traits>
+#include "cuda_common.cuh"
 
 namespace fastipirm_cuda {
 namespace {
 
-using namespace nvcuda;
+using namespace kernel_common;  // kThreads (256), kKC (32), Feat, Carve, sim_tile, dispatch_feat
 
-constexpr int kThreads = 256;    // 8 warps; a 16 x 16 thread grid for the FMA micro tiles
-constexpr int kKC = 32;          // feature columns staged per step of the similarity tile
+static_assert(kFeatF32 == kCodeF32 && kFeatF16 == kCodeF16 && kFeatBF16 == kCodeBF16,
+              "FeatType codes are the kCode* of dispatch_feat");
+
 constexpr int kEC = 32;          // environment / group columns staged per step of grad's dots
 constexpr int kWin = 64;         // environment / group columns per launch (register accumulators)
 constexpr int kNP = kWin / 16;   // 16-wide column passes per window
@@ -71,48 +65,6 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr int RS_BM = 64, RS_BN = 64;   // rowstats
 constexpr int BD_BM = 64, BD_BN = 64;   // band
 constexpr int GR_BM = 32, GR_BN = 64;   // grad (more live tiles: smaller row blocks)
-
-template <typename T> struct Feat;
-template <> struct Feat<float> {
-  static constexpr int pad = 4;  // staging row padding (elements): ldm multiple of 16 bytes
-  static constexpr bool half = false;
-  __device__ static float zero() { return 0.f; }
-  __device__ static float to_float(float x) { return x; }
-};
-template <> struct Feat<__half> {
-  static constexpr int pad = 8;
-  static constexpr bool half = true;
-  __device__ static __half zero() { return __float2half(0.f); }
-  __device__ static float to_float(__half x) { return __half2float(x); }
-};
-template <> struct Feat<__nv_bfloat16> {
-  static constexpr int pad = 8;
-  static constexpr bool half = true;
-  __device__ static __nv_bfloat16 zero() { return __float2bfloat16(0.f); }
-  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-__host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
-__host__ __device__ constexpr size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
-
-struct Carve {  // consecutive 128-byte aligned sections of the dynamic shared memory
-  size_t off = 0;
-  __host__ __device__ size_t take(size_t bytes) {
-    const size_t o = off;
-    off += align128(bytes);
-    return o;
-  }
-};
-
-template <typename T, int BM, int BN>
-__host__ __device__ constexpr size_t stage_bytes() {
-  return align128(sizeof(T) * kKC * (BM + Feat<T>::pad)) +
-         align128(sizeof(T) * kKC * (BN + Feat<T>::pad));
-}
-
-__host__ __device__ constexpr size_t tile_bytes(int bm, int bn) {
-  return sizeof(float) * bn * (bm + 4);  // a transposed (bn x bm) fp32 tile, rows padded by 4
-}
 
 struct RowstatsSmem { size_t stage, st, p2, ws, pmax, mrun, al1, al2, rmod, cmod, total; };
 template <typename T>
@@ -185,112 +137,13 @@ __device__ __forceinline__ int band_of(int other, int i, int B) {
   return other < i ? 0 : (other > i + B ? 2 : 1);
 }
 
-// rows row0 .. row0 + R - 1, feature columns k0 .. k0 + kKC - 1 of F (N x D), transposed into
-// dst[k * (R + pad) + r], zero outside F
-template <typename T, int R>
-__device__ __forceinline__ void load_feat_t(const T* __restrict__ F, int N, int D, int row0, int k0,
-                                            T* __restrict__ dst) {
-  constexpr int ld = R + Feat<T>::pad;
-  for (int o = threadIdx.x; o < R * kKC; o += kThreads) {
-    const int r = o / kKC, k = o - r * kKC;
-    const int gr = row0 + r, gk = k0 + k;
-    dst[k * ld + r] = (gr < N && gk < D) ? F[(size_t)gr * D + gk] : Feat<T>::zero();
-  }
-}
-
-// acc[i][j] += sum_k At[k * lda + ty + 16 i] * Bt[k * ldb + tx + 16 j]
-template <int RM, int RN>
-__device__ __forceinline__ void mm_acc(float (&acc)[RM][RN], const float* __restrict__ At, int lda,
-                                       const float* __restrict__ Bt, int ldb, int K, int ty,
-                                       int tx) {
-  for (int k = 0; k < K; ++k) {
-    float a[RM], b[RN];
-#pragma unroll
-    for (int i = 0; i < RM; ++i) a[i] = At[k * lda + ty + 16 * i];
-#pragma unroll
-    for (int j = 0; j < RN; ++j) b[j] = Bt[k * ldb + tx + 16 * j];
-#pragma unroll
-    for (int i = 0; i < RM; ++i) {
-#pragma unroll
-      for (int j = 0; j < RN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-  }
-}
-
-// St[q * (BM + 4) + p] = S[r0 + p][c0 + q] = F[r0 + p] . F[c0 + q] (0 outside F). Starts with a
-// barrier (previous readers of the staging area and of St are done); the caller synchronises
-// before reading St.
+// St[q * (BM + 4) + p] = S[r0 + p][c0 + q] = F[r0 + p] . F[c0 + q] (0 outside F): sim_tile of F
+// with itself. Starts with a barrier (previous readers of the staging area and of St are done);
+// the caller synchronises before reading St.
 template <typename T, bool TF32, int BM, int BN>
 __device__ __forceinline__ void s_tile(const T* __restrict__ F, int N, int D, int r0, int c0,
                                        unsigned char* stage, float* __restrict__ St) {
-  constexpr int lda = BM + Feat<T>::pad, ldb = BN + Feat<T>::pad, lds = BM + 4;
-  T* At = reinterpret_cast<T*>(stage);
-  T* Bt = reinterpret_cast<T*>(stage + align128(sizeof(T) * kKC * lda));
-  __syncthreads();
-  if constexpr (Feat<T>::half || TF32) {
-    constexpr int FM = BM / 16, FN = BN / 16, NW = kThreads / 32;
-    static_assert((FM * FN) % NW == 0, "fragments must split evenly over the warps");
-    constexpr int FPW = FM * FN / NW;
-    constexpr int KS = Feat<T>::half ? 16 : 8;
-    using Prec = typename std::conditional<Feat<T>::half, T, wmma::precision::tf32>::type;
-    const int warp = threadIdx.x / 32;
-    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[FPW];
-#pragma unroll
-    for (int t = 0; t < FPW; ++t) wmma::fill_fragment(acc[t], 0.f);
-    for (int k0 = 0; k0 < D; k0 += kKC) {
-      load_feat_t<T, BM>(F, N, D, r0, k0, At);
-      load_feat_t<T, BN>(F, N, D, c0, k0, Bt);
-      __syncthreads();
-      const int kend = D - k0;  // block-uniform; the staged columns beyond D are zeros
-#pragma unroll
-      for (int kk = 0; kk < kKC; kk += KS) {
-        if (kk < kend) {
-#pragma unroll
-          for (int t = 0; t < FPW; ++t) {
-            const int f = warp * FPW + t, fm = f / FN, fn = f % FN;
-            wmma::fragment<wmma::matrix_a, 16, 16, KS, Prec, wmma::col_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, KS, Prec, wmma::row_major> b;
-            wmma::load_matrix_sync(a, At + kk * lda + fm * 16, lda);
-            wmma::load_matrix_sync(b, Bt + kk * ldb + fn * 16, ldb);
-            if constexpr (!Feat<T>::half) {
-#pragma unroll
-              for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
-#pragma unroll
-              for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
-            }
-            wmma::mma_sync(acc[t], a, b, acc[t]);
-          }
-        }
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int t = 0; t < FPW; ++t) {
-      const int f = warp * FPW + t, fm = f / FN, fn = f % FN;
-      wmma::store_matrix_sync(St + fn * 16 * lds + fm * 16, acc[t], lds, wmma::mem_col_major);
-    }
-  } else {
-    constexpr int RM = BM / 16, RN = BN / 16;
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    float acc[RM][RN];
-#pragma unroll
-    for (int i = 0; i < RM; ++i) {
-#pragma unroll
-      for (int j = 0; j < RN; ++j) acc[i][j] = 0.f;
-    }
-    for (int k0 = 0; k0 < D; k0 += kKC) {
-      load_feat_t<T, BM>(F, N, D, r0, k0, At);
-      load_feat_t<T, BN>(F, N, D, c0, k0, Bt);
-      __syncthreads();
-      mm_acc<RM, RN>(acc, At, lda, Bt, ldb, min(kKC, D - k0), ty, tx);
-      __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < RM; ++i) {
-#pragma unroll
-      for (int j = 0; j < RN; ++j) St[(tx + 16 * j) * lds + ty + 16 * i] = acc[i][j];
-    }
-  }
+  sim_tile<T, TF32, BM, BN, false>(F, N, F, N, D, r0, c0, 0, 0.f, stage, St, nullptr, nullptr);
 }
 
 // X[i][j] = sum_e A[r0 + ty + 16 i][e] * Bm[c0 + tx + 16 j][e] for (N x K) row-major A and Bm
@@ -800,35 +653,11 @@ grad_kernel(const T* __restrict__ F, const float* __restrict__ mrow,
   }
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------------------------
 // launchers
 // ------------------------------------------------------------------------------------------------
-
-template <typename T, bool TF32> struct Tag {
-  using type = T;
-  static constexpr bool tf32 = TF32;
-};
-
-template <typename Fn>
-cudaError_t dispatch(int feat_type, bool allow_tf32, Fn&& fn) {
-  switch (feat_type) {
-    case kFeatF16: return fn(Tag<__half, false>());
-    case kFeatBF16: return fn(Tag<__nv_bfloat16, false>());
-    case kFeatF32: return allow_tf32 ? fn(Tag<float, true>()) : fn(Tag<float, false>());
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-}
-
-inline int imin(int a, int b) { return a < b ? a : b; }
-inline int cdiv(int a, int b) { return (a + b - 1) / b; }
-
-}  // namespace
 
 cudaError_t launch_rowstats(const void* feats, int feat_type, bool allow_tf32, const float* spos,
                             const float* w2, float* mrow, float* zn, float* znt, int n, int d,
@@ -838,7 +667,7 @@ cudaError_t launch_rowstats(const void* feats, int feat_type, bool allow_tf32, c
       (m > 0 && (!w2 || !zn || (two_t && !znt))))
     return cudaErrorInvalidValue;
   const float sc1 = (float)(kLog2e / t1), sc2 = (float)(kLog2e / t2);
-  return dispatch(feat_type, allow_tf32, [&](auto tag) -> cudaError_t {
+  return dispatch_feat(feat_type, allow_tf32, cudaErrorInvalidValue, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr bool TF = decltype(tag)::tf32;
     auto kernel = rowstats_kernel<T, TF>;
@@ -866,7 +695,7 @@ cudaError_t launch_band(const void* feats, int feat_type, bool allow_tf32, const
   if (!fac || !out) return cudaErrorInvalidValue;
   const float sc2 = (float)(kLog2e / t2), it2 = (float)(1.0 / t2);
   const size_t sb = (size_t)n * g;
-  return dispatch(feat_type, allow_tf32, [&](auto tag) -> cudaError_t {
+  return dispatch_feat(feat_type, allow_tf32, cudaErrorInvalidValue, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr bool TF = decltype(tag)::tf32;
     auto kernel = trans ? band_kernel<T, TF, true> : band_kernel<T, TF, false>;
@@ -896,7 +725,7 @@ cudaError_t launch_grad(const void* feats, int feat_type, bool allow_tf32, const
   const float sc1 = (float)(kLog2e / t1), sc2 = (float)(kLog2e / t2);
   const float it1 = (float)(1.0 / t1), it2 = (float)(1.0 / t2);
   const bool gw_on = need_gw && m > 0;
-  return dispatch(feat_type, allow_tf32, [&](auto tag) -> cudaError_t {
+  return dispatch_feat(feat_type, allow_tf32, cudaErrorInvalidValue, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr bool TF = decltype(tag)::tf32;
     auto kernel = grad_kernel<T, TF>;
@@ -927,33 +756,21 @@ cudaError_t launch_grad(const void* feats, int feat_type, bool allow_tf32, const
   });
 }
 
-namespace {
-template <typename Fn>
-int smem_of(int feat_type, bool allow_tf32, Fn&& fn) {
-  switch (feat_type) {
-    case kFeatF16: return (int)fn(Tag<__half, false>());
-    case kFeatBF16: return (int)fn(Tag<__nv_bfloat16, false>());
-    case kFeatF32: return allow_tf32 ? (int)fn(Tag<float, true>()) : (int)fn(Tag<float, false>());
-    default: return -1;
-  }
-}
-}  // namespace
-
 int rowstats_smem_bytes(int feat_type, bool allow_tf32, bool two_t) {
-  return smem_of(feat_type, allow_tf32, [&](auto tag) {
-    return rowstats_smem<typename decltype(tag)::type>(two_t).total;
+  return dispatch_feat(feat_type, allow_tf32, -1, [&](auto tag) {
+    return (int)rowstats_smem<typename decltype(tag)::type>(two_t).total;
   });
 }
 
 int band_smem_bytes(int feat_type, bool allow_tf32, bool trans, int nb) {
-  return smem_of(feat_type, allow_tf32, [&](auto tag) {
-    return band_smem<typename decltype(tag)::type>(trans, nb).total;
+  return dispatch_feat(feat_type, allow_tf32, -1, [&](auto tag) {
+    return (int)band_smem<typename decltype(tag)::type>(trans, nb).total;
   });
 }
 
 int grad_smem_bytes(int feat_type, bool allow_tf32, bool two_t, bool need_gw) {
-  return smem_of(feat_type, allow_tf32, [&](auto tag) {
-    return grad_smem<typename decltype(tag)::type>(two_t, need_gw).total;
+  return dispatch_feat(feat_type, allow_tf32, -1, [&](auto tag) {
+    return (int)grad_smem<typename decltype(tag)::type>(two_t, need_gw).total;
   });
 }
 

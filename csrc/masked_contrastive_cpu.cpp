@@ -35,8 +35,8 @@
 // double for double (the glue picks the dtype). The tile loops run with subnormals flushed to
 // zero (FlushSubnormals): the far tails of the softmax would otherwise take the slow path.
 //
-// The vector helpers, the exponential and the GEMM micro-kernel repeat those of
-// csrc/env_contrastive_cpu.cpp (each translation unit keeps its helpers internal).
+// The vector types, the exponential, the GEMM micro-kernel and the tile padding are those of
+// csrc/cpu_simd_gemm.h, shared with csrc/env_contrastive_cpu.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -45,7 +45,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -54,7 +53,11 @@
 #include <xmmintrin.h>
 #endif
 
+#include "cpu_simd_gemm.h"
+
 namespace {
+
+using namespace fastipirm::cpu;  // Vec, loadu, storeu, vexp, gemm_acc, padded_rows
 
 constexpr int64_t kTR = 64;  // rows (queries) per tile
 constexpr int64_t kTC = 64;  // columns (keys) per tile
@@ -70,6 +73,8 @@ int64_t partial_budget() {
 enum Code : int64_t { kDot = 0, kSqEuclidean = 1, kL1 = 2, kLp = 3 };
 // the per-dimension term |d|^p of the elementwise distances
 enum Pow : int { kAbs = 0, kSquare = 1, kCube = 2, kGeneral = 3 };
+// a row tile (its queries against every column tile) or a column tile (its keys, every row tile)
+enum TileLine : int { kRowTile = 0, kColTile = 1 };
 
 // tiles computed by any masked kernel since the extension was loaded (tests: tile skipping)
 std::atomic<int64_t> g_tiles{0};
@@ -100,26 +105,8 @@ class FlushSubnormals {
 };
 
 // ------------------------------------------------------------------------------------------------
-// vector helpers (64-byte GCC vector types: AVX-512 / AVX2 / NEON alike)
+// vector helpers (on the 64-byte vector types of cpu_simd_gemm.h)
 // ------------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int kLanes = 64 / sizeof(T);
-};
-
-template <typename T>
-inline typename Vec<T>::type loadu(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void storeu(T* p, typename Vec<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 // x in every lane (x - 0 folds to a plain broadcast, unlike 0 + x, which is not x for x = -0)
 template <typename T>
@@ -216,31 +203,6 @@ struct LaneOrder {
   }
 };
 
-// exp on one vector (Cephes expf: 2^n * p(r), |r| <= ln2/2, ~1 ulp); inputs above 88 are clamped,
-// below -87.3 (and -inf) give 0.
-inline Vec<float>::type vexp(Vec<float>::type v) {
-  using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
-  const VI under = v < -87.3f;
-  v = v > 88.0f ? V{} + 88.0f : v;
-  v = v < -87.3f ? V{} - 87.3f : v;
-  const V t = v * 1.44269504088896341f + 0.5f;
-  VI n = __builtin_convertvector(t, VI);               // truncation; make it floor
-  n += __builtin_convertvector(n, V) > t;              // true is -1
-  const V fx = __builtin_convertvector(n, V);
-  const V r = v - fx * 0.693359375f + fx * 2.12194440e-4f;
-  V y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const V scale = (V)((n + 127) << 23);
-  return under ? V{} : y * scale;
-}
-
-inline Vec<double>::type vexp(Vec<double>::type v) {
-  for (int l = 0; l < Vec<double>::kLanes; ++l) v[l] = std::exp(v[l]);
-  return v;
-}
-
 // natural log on one vector of positive normal floats (Cephes logf, ~1 ulp)
 inline Vec<float>::type vlog(Vec<float>::type x) {
   using V = Vec<float>::type;
@@ -295,72 +257,8 @@ inline typename Vec<T>::type slope_times(typename Vec<T>::type d, typename Vec<T
 }
 
 // ------------------------------------------------------------------------------------------------
-// micro-kernels
+// elementwise-distance micro-kernels (the GEMM one: cpu_simd_gemm.h)
 // ------------------------------------------------------------------------------------------------
-
-// O[RB x NV*L] += A[RB x K] B[K x NV*L]: A[r][k] = a[r * ars + k * aks] (so A may be a transposed
-// tile), B and O row-major with leading dimensions ldb, ldo.
-template <typename T, int RB, int NV>
-inline void micro(int64_t k_dim, const T* __restrict a, int64_t ars, int64_t aks,
-                  const T* __restrict b, int64_t ldb, T* __restrict o, int64_t ldo) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::kLanes;
-  V acc[RB][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = loadu(o + r * ldo + v * L);
-  for (int64_t k = 0; k < k_dim; ++k) {
-    V bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = loadu(b + k * ldb + v * L);
-#if defined(__x86_64__)
-      asm("" : "+v"(bv[v]));  // keep the row of b in a register (GCC re-loads it per FMA)
-#endif
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const T s = a[r * ars + k * aks];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * s;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) storeu(o + r * ldo + v * L, acc[r][v]);
-}
-
-template <typename T, int RB, int NV>
-inline void micro_rows(int64_t rows, int64_t k_dim, const T* a, int64_t ars, int64_t aks,
-                       const T* b, int64_t ldb, T* o, int64_t ldo) {
-  int64_t r = 0;
-  for (; r + RB <= rows; r += RB)
-    micro<T, RB, NV>(k_dim, a + r * ars, ars, aks, b, ldb, o + r * ldo, ldo);
-  for (; r < rows; ++r) micro<T, 1, NV>(k_dim, a + r * ars, ars, aks, b, ldb, o + r * ldo, ldo);
-}
-
-// O[rows x cols] += A[rows x K] B[K x cols], A[r][k] = a[r * ars + k * aks].
-template <typename T>
-void gemm_acc(int64_t rows, int64_t cols, int64_t k_dim, const T* a, int64_t ars, int64_t aks,
-              const T* b, int64_t ldb, T* o, int64_t ldo) {
-  constexpr int L = Vec<T>::kLanes;
-  int64_t c = 0;
-  for (; c + 4 * L <= cols; c += 4 * L)
-    micro_rows<T, 4, 4>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
-  for (; c + 2 * L <= cols; c += 2 * L)
-    micro_rows<T, 6, 2>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
-  for (; c + L <= cols; c += L)
-    micro_rows<T, 8, 1>(rows, k_dim, a, ars, aks, b + c, ldb, o + c, ldo);
-  if (c < cols) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < k_dim; ++k) {
-        const T s = a[r * ars + k * aks];
-        for (int64_t cc = c; cc < cols; ++cc) o[r * ldo + cc] += s * b[k * ldb + cc];
-      }
-  }
-}
 
 // x[RB rows][kTC] = -inv_t sum_d |q[r][d] - kt[d][c]|^p: the columns in the vector lanes, RB
 // rows of accumulators in registers; q rows have stride d, kt rows stride ldk.
@@ -447,11 +345,6 @@ void lp_grad_tile(int64_t d, const T* __restrict q, const T* __restrict kt, int6
 // ------------------------------------------------------------------------------------------------
 // the problem: padded features, groups, the exclude list, the logit tiles and their masks
 // ------------------------------------------------------------------------------------------------
-
-inline at::Tensor padded_rows(const at::Tensor& x, int64_t npad) {
-  if (x.size(0) == npad) return x.contiguous();
-  return at::constant_pad_nd(x, {0, 0, 0, npad - x.size(0)}).contiguous();
-}
 
 template <typename T>
 std::vector<T> padded_vec(const at::Tensor& x, int64_t npad) {
@@ -543,6 +436,20 @@ struct Problem {
   // can any pair of tile (bi, bj) be a negative (the groups' ranges meet)?
   bool meets(int64_t bi, int64_t bj) const {
     return qg == nullptr || !(rhi[bi] < clo[bj] || chi[bj] < rlo[bi]);
+  }
+
+  // f(o) for the tiles of row tile b (kRowTile: o = the column tiles) or of column tile b
+  // (kColTile: o = the row tiles) whose pairs can be negatives (meets), in order; returns how many
+  template <typename F>
+  int64_t tiles_of(TileLine line, int64_t b, F f) const {
+    const bool row = line == kRowTile;
+    int64_t tiles = 0;
+    for (int64_t o = 0; o < (row ? nct : nrt); ++o)
+      if (row ? meets(b, o) : meets(o, b)) {
+        ++tiles;
+        f(o);
+      }
+    return tiles;
   }
 
   // does tile (bi, bj) need its mask (some pair in it is not a negative)?
@@ -667,6 +574,21 @@ struct Problem {
 // the four kernels
 // ------------------------------------------------------------------------------------------------
 
+// body(item, buf) for every item in [0, count) (a row tile, a column tile or a chunk of row
+// tiles), at::parallel_for with one item per grain: every thread runs with subnormals flushed and
+// its own scratch buffer of `scratch` elements (zeroed once, reused for each of its items). body
+// returns the tiles it computed, added to g_tiles.
+template <typename T, typename Body>
+void parallel_tiles(int64_t count, int64_t scratch, Body body) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
+    std::vector<T> buf(scratch);
+    int64_t tiles = 0;
+    for (int64_t item = begin; item < end; ++item) tiles += body(item, buf.data());
+    g_tiles += tiles;
+  });
+}
+
 template <typename T>
 std::vector<at::Tensor> rowstats_impl(const Problem<T>& P, const at::Tensor& w_t,
                                       const at::Tensor& m0_t) {
@@ -680,43 +602,34 @@ std::vector<at::Tensor> rowstats_impl(const Problem<T>& P, const at::Tensor& w_t
   std::copy(m0_t.data_ptr<T>(), m0_t.data_ptr<T>() + P.nq, m);
   const std::vector<T> w = padded_vec<T>(w_t, P.kpad);
   const bool zero_w = any_zero(w, P.nk);
-  at::parallel_for(0, P.nrt, 1, [&](int64_t begin, int64_t end) {
-    const FlushSubnormals flush;
-    std::vector<T> xbuf(kTT);
-    T* x = xbuf.data();
-    int64_t tiles = 0;
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int64_t r0 = bi * kTR, nr = std::min(kTR, P.nq - r0);
-      for (int64_t bj = 0; bj < P.nct; ++bj) {
-        if (!P.meets(bi, bj)) continue;
-        ++tiles;
-        P.logits(bi, bj, x);
-        if (P.needs_mask(bi, bj)) P.mask(bi, bj, x, kNegInf);
-        const T* wc = w.data() + bj * kTC;
-        if (zero_w) fill_unweighted(x, wc, kNegInf);
-        for (int64_t r = 0; r < nr; ++r) {
-          const T* xr = x + r * kTC;
-          V vmax = splat(kNegInf);
-          for (int64_t c = 0; c < kTC; c += L) {
-            const V xv = loadu(xr + c);
-            vmax = xv > vmax ? xv : vmax;
-          }
-          T tmax = kNegInf;
-          for (int l = 0; l < L; ++l) tmax = std::max(tmax, vmax[l]);
-          if (tmax == kNegInf) continue;  // no negative of this row in the tile
-          T& mi = m[r0 + r];
-          if (tmax > mi) {  // online shift: every exponential stays <= 1
-            z[r0 + r] *= std::exp(mi - tmax);
-            mi = tmax;
-          }
-          const V mv = splat(mi);
-          V acc = V{};
-          for (int64_t c = 0; c < kTC; c += L) acc += vexp(loadu(xr + c) - mv) * loadu(wc + c);
-          z[r0 + r] += hsum(acc);
+  parallel_tiles<T>(P.nrt, kTT, [&](int64_t bi, T* x) {
+    const int64_t r0 = bi * kTR, nr = std::min(kTR, P.nq - r0);
+    return P.tiles_of(kRowTile, bi, [&](int64_t bj) {
+      P.logits(bi, bj, x);
+      if (P.needs_mask(bi, bj)) P.mask(bi, bj, x, kNegInf);
+      const T* wc = w.data() + bj * kTC;
+      if (zero_w) fill_unweighted(x, wc, kNegInf);
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* xr = x + r * kTC;
+        V vmax = splat(kNegInf);
+        for (int64_t c = 0; c < kTC; c += L) {
+          const V xv = loadu(xr + c);
+          vmax = xv > vmax ? xv : vmax;
         }
+        T tmax = kNegInf;
+        for (int l = 0; l < L; ++l) tmax = std::max(tmax, vmax[l]);
+        if (tmax == kNegInf) continue;  // no negative of this row in the tile
+        T& mi = m[r0 + r];
+        if (tmax > mi) {  // online shift: every exponential stays <= 1
+          z[r0 + r] *= std::exp(mi - tmax);
+          mi = tmax;
+        }
+        const V mv = splat(mi);
+        V acc = V{};
+        for (int64_t c = 0; c < kTC; c += L) acc += vexp(loadu(xr + c) - mv) * loadu(wc + c);
+        z[r0 + r] += hsum(acc);
       }
-    }
-    g_tiles += tiles;
+    });
   });
   return {m_t, z_t};
 }
@@ -730,31 +643,24 @@ at::Tensor colsum_impl(const Problem<T>& P, const at::Tensor& m_t, const at::Ten
   const std::vector<T> rho = padded_vec<T>(rho_t, P.qpad);
   const std::vector<T> sigma = padded_vec<T>(sigma_t, P.qpad);
   std::vector<T> a(P.kpad, T(0));
-  at::parallel_for(0, P.nct, 1, [&](int64_t begin, int64_t end) {
-    const FlushSubnormals flush;
-    std::vector<T> buf(2 * kTT);
-    T *x = buf.data(), *e = buf.data() + kTT;
-    int64_t tiles = 0;
-    for (int64_t bj = begin; bj < end; ++bj) {
-      V acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = V{};
-      for (int64_t bi = 0; bi < P.nrt; ++bi) {
-        if (!P.meets(bi, bj)) continue;
-        ++tiles;
-        P.exp_tile(bi, bj, m.data(), x, e);
-        const int64_t r0 = bi * kTR;
-        for (int64_t r = 0; r < kTR; ++r) {
-          const V rv = splat(rho[r0 + r]), sv = splat(sigma[r0 + r]);
+  parallel_tiles<T>(P.nct, 2 * kTT, [&](int64_t bj, T* buf) {
+    T *x = buf, *e = buf + kTT;
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    const int64_t tiles = P.tiles_of(kColTile, bj, [&](int64_t bi) {
+      P.exp_tile(bi, bj, m.data(), x, e);
+      const int64_t r0 = bi * kTR;
+      for (int64_t r = 0; r < kTR; ++r) {
+        const V rv = splat(rho[r0 + r]), sv = splat(sigma[r0 + r]);
 #pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) {
-            const int64_t o = r * kTC + v * L;
-            acc[v] += loadu(e + o) * (rv * loadu(x + o) + sv);
-          }
+        for (int v = 0; v < NV; ++v) {
+          const int64_t o = r * kTC + v * L;
+          acc[v] += loadu(e + o) * (rv * loadu(x + o) + sv);
         }
       }
-      for (int v = 0; v < NV; ++v) storeu(a.data() + bj * kTC + v * L, acc[v]);
-    }
-    g_tiles += tiles;
+    });
+    for (int v = 0; v < NV; ++v) storeu(a.data() + bj * kTC + v * L, acc[v]);
+    return tiles;
   });
   at::Tensor out = at::empty({P.nk}, m_t.options());
   std::copy(a.begin(), a.begin() + P.nk, out.data_ptr<T>());
@@ -773,27 +679,19 @@ at::Tensor rowsum_impl(const Problem<T>& P, const at::Tensor& w_t, const at::Ten
   for (int64_t j = 0; j < P.nk; ++j) wg[j] *= gamma[j];
   const std::vector<T> w = zero_w ? padded_vec<T>(w_t, P.kpad) : std::vector<T>();
   std::vector<T> out(P.qpad, T(0));
-  at::parallel_for(0, P.nrt, 1, [&](int64_t begin, int64_t end) {
-    const FlushSubnormals flush;
-    std::vector<T> buf(2 * kTT);
-    T *x = buf.data(), *e = buf.data() + kTT;
-    int64_t tiles = 0;
-    for (int64_t bi = begin; bi < end; ++bi) {
-      for (int64_t bj = 0; bj < P.nct; ++bj) {
-        if (!P.meets(bi, bj)) continue;
-        ++tiles;
-        P.exp_tile(bi, bj, m.data(), x, e);
-        if (zero_w) fill_unweighted(e, w.data() + bj * kTC, T(0));
-        const T* wc = wg.data() + bj * kTC;
-        for (int64_t r = 0; r < kTR; ++r) {
-          V acc = V{};
-          for (int64_t c = 0; c < kTC; c += L)
-            acc += loadu(e + r * kTC + c) * loadu(x + r * kTC + c) * loadu(wc + c);
-          out[bi * kTR + r] += hsum(acc);
-        }
+  parallel_tiles<T>(P.nrt, 2 * kTT, [&](int64_t bi, T* buf) {
+    T *x = buf, *e = buf + kTT;
+    return P.tiles_of(kRowTile, bi, [&](int64_t bj) {
+      P.exp_tile(bi, bj, m.data(), x, e);
+      if (zero_w) fill_unweighted(e, w.data() + bj * kTC, T(0));
+      const T* wc = wg.data() + bj * kTC;
+      for (int64_t r = 0; r < kTR; ++r) {
+        V acc = V{};
+        for (int64_t c = 0; c < kTC; c += L)
+          acc += loadu(e + r * kTC + c) * loadu(x + r * kTC + c) * loadu(wc + c);
+        out[bi * kTR + r] += hsum(acc);
       }
-    }
-    g_tiles += tiles;
+    });
   });
   at::Tensor res = at::empty({P.nq}, m_t.options());
   std::copy(out.begin(), out.begin() + P.nq, res.data_ptr<T>());
@@ -864,20 +762,14 @@ std::vector<at::Tensor> grad_impl(const Problem<T>& P, const at::Tensor& w_t, co
     // chunk ch: row tiles [ch nrt / nch, (ch + 1) nrt / nch), its own dk (and column-sum) partial
     at::Tensor parts_t = at::zeros({nch, rows_per_part, kpad}, opts);
     T* parts = parts_t.data_ptr<T>();
-    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
-      const FlushSubnormals flush;
-      std::vector<T> buf(3 * kTT);
+    parallel_tiles<T>(nch, 3 * kTT, [&](int64_t ch, T* buf) {
+      T* part = parts + ch * rows_per_part * kpad;
       int64_t tiles = 0;
-      for (int64_t ch = begin; ch < end; ++ch) {
-        T* part = parts + ch * rows_per_part * kpad;
-        for (int64_t bi = ch * P.nrt / nch; bi < (ch + 1) * P.nrt / nch; ++bi)
-          for (int64_t bj = 0; bj < P.nct; ++bj) {
-            if (!P.meets(bi, bj)) continue;
-            ++tiles;
-            tile(bi, bj, buf.data(), dqt, part, sq ? part + d * kpad : nullptr);
-          }
-      }
-      g_tiles += tiles;
+      for (int64_t bi = ch * P.nrt / nch; bi < (ch + 1) * P.nrt / nch; ++bi)
+        tiles += P.tiles_of(kRowTile, bi, [&](int64_t bj) {
+          tile(bi, bj, buf, dqt, part, sq ? part + d * kpad : nullptr);
+        });
+      return tiles;
     });
     // the chunk partials, summed in chunk order
     at::parallel_for(0, rows_per_part * kpad, 4096, [&](int64_t begin, int64_t end) {
@@ -891,29 +783,12 @@ std::vector<at::Tensor> grad_impl(const Problem<T>& P, const at::Tensor& w_t, co
       }
     });
   } else {
-    at::parallel_for(0, P.nrt, 1, [&](int64_t begin, int64_t end) {  // dq: row tiles
-      const FlushSubnormals flush;
-      std::vector<T> buf(3 * kTT);
-      int64_t tiles = 0;
-      for (int64_t bi = begin; bi < end; ++bi)
-        for (int64_t bj = 0; bj < P.nct; ++bj) {
-          if (!P.meets(bi, bj)) continue;
-          ++tiles;
-          tile(bi, bj, buf.data(), dqt, nullptr, nullptr);
-        }
-      g_tiles += tiles;
+    parallel_tiles<T>(P.nrt, 3 * kTT, [&](int64_t bi, T* buf) {  // dq: row tiles
+      return P.tiles_of(kRowTile, bi,
+                        [&](int64_t bj) { tile(bi, bj, buf, dqt, nullptr, nullptr); });
     });
-    at::parallel_for(0, P.nct, 1, [&](int64_t begin, int64_t end) {  // dk: column tiles
-      const FlushSubnormals flush;
-      std::vector<T> buf(3 * kTT);
-      int64_t tiles = 0;
-      for (int64_t bj = begin; bj < end; ++bj)
-        for (int64_t bi = 0; bi < P.nrt; ++bi) {
-          if (!P.meets(bi, bj)) continue;
-          ++tiles;
-          tile(bi, bj, buf.data(), nullptr, dkt, gcol);
-        }
-      g_tiles += tiles;
+    parallel_tiles<T>(P.nct, 3 * kTT, [&](int64_t bj, T* buf) {  // dk: column tiles
+      return P.tiles_of(kColTile, bj, [&](int64_t bi) { tile(bi, bj, buf, nullptr, dkt, gcol); });
     });
   }
   at::Tensor dq = dqt_t.narrow(1, 0, P.nq).t().contiguous();

@@ -55,16 +55,30 @@ int sm_count(int device) {
   return n;
 }
 
-// The features (made float32 for the l1 / lp similarities), groups and exclusions of a call,
-// checked, and the kernels' view of it.
+// a float32 vector argument of an op: its name, tensor, and whether it has an entry per key (nk)
+// or per query (nq)
+struct Vec {
+  const char* name;
+  const at::Tensor& t;
+  bool per_key;
+};
+
+// One call of an op: the features (made float32 for the l1 / lp similarities), groups and
+// exclusions, checked, and the kernels' view of them; the device guard of the features' device
+// (from the end of the checks of the features on); its vector arguments (vec), outputs (f32),
+// workspace and launch (launched).
 struct Call {
+  const char* op;
   at::Tensor q, k;
   OptTensor qg, kg, exclude;
   fastipirm_cuda::MaskedProblem pr{};
+  std::optional<c10::cuda::CUDAGuard> guard;
+  at::Tensor work;
 
-  Call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const OptTensor& qg_in,
-       const OptTensor& kg_in, const OptTensor& exclude_in, int64_t code, double p, double inv_t,
-       bool allow_tf32, int64_t target_blocks) {
+  Call(const char* op_name, const at::Tensor& q_in, const at::Tensor& k_in,
+       const OptTensor& qg_in, const OptTensor& kg_in, const OptTensor& exclude_in,
+       int64_t code, double p, double inv_t, bool allow_tf32, int64_t target_blocks)
+      : op(op_name) {
     TORCH_CHECK(q_in.is_cuda() && k_in.is_cuda(), "fastipirm_cuda::", op,
                 ": q and k must be CUDA tensors, got ", q_in.device(), " and ", k_in.device());
     TORCH_CHECK(q_in.device() == k_in.device(), "fastipirm_cuda::", op,
@@ -96,13 +110,13 @@ struct Call {
     TORCH_CHECK(qg_in.has_value() == kg_in.has_value(), "fastipirm_cuda::", op,
                 ": give both qg and kg, or neither");
     if (qg_in.has_value()) {
-      check_index(op, "qg", *qg_in, q, 1, nq);
-      check_index(op, "kg", *kg_in, q, 1, nk);
+      check_index("qg", *qg_in, 1, nq);
+      check_index("kg", *kg_in, 1, nk);
       qg = qg_in;
       kg = kg_in;
     }
     if (exclude_in.has_value() && exclude_in->numel() > 0) {
-      check_index(op, "exclude", *exclude_in, q, 2, nq);
+      check_index("exclude", *exclude_in, 2, nq);
       exclude = exclude_in;
     }
     pr.q = q.data_ptr();
@@ -121,10 +135,10 @@ struct Call {
     pr.ne = exclude ? (int)exclude->size(1) : 0;
     pr.target_blocks = target_blocks > 0 ? (int)std::min<int64_t>(target_blocks, 1 << 20)
                                          : 2 * sm_count(q.get_device());
+    guard.emplace(q.device());
   }
 
-  static void check_index(const char* op, const char* name, const at::Tensor& t,
-                          const at::Tensor& q, int64_t dims, int64_t rows) {
+  void check_index(const char* name, const at::Tensor& t, int64_t dims, int64_t rows) const {
     TORCH_CHECK(t.device() == q.device(), "fastipirm_cuda::", op, ": ", name,
                 " must be on the features' device ", q.device(), ", got ", t.device());
     TORCH_CHECK(t.scalar_type() == at::kLong, "fastipirm_cuda::", op, ": ", name,
@@ -134,84 +148,82 @@ struct Call {
     TORCH_CHECK(t.is_contiguous(), "fastipirm_cuda::", op, ": ", name, " must be contiguous");
   }
 
-  // a float32 vector of n entries on the features' device, contiguous
-  void vec(const char* op, const char* name, const at::Tensor& t, int64_t n) const {
-    TORCH_CHECK(t.device() == q.device(), "fastipirm_cuda::", op, ": ", name,
-                " must be on the features' device ", q.device(), ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "fastipirm_cuda::", op, ": ", name,
-                " must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastipirm_cuda::", op, ": ", name,
-                " must have shape (", n, ",), got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "fastipirm_cuda::", op, ": ", name, " must be contiguous");
-  }
-
-  at::Tensor workspace(int op) const {
-    const size_t bytes = fastipirm_cuda::masked_workspace_bytes(pr, op);
-    return at::empty({(int64_t)(bytes > 0 ? bytes : 1)}, q.options().dtype(at::kByte));
+  // the data of v, checked: float32, (nk or nq entries), on the features' device, contiguous
+  const float* vec(const Vec& v) const {
+    const int64_t n = v.per_key ? pr.nk : pr.nq;
+    TORCH_CHECK(v.t.device() == q.device(), "fastipirm_cuda::", op, ": ", v.name,
+                " must be on the features' device ", q.device(), ", got ", v.t.device());
+    TORCH_CHECK(v.t.scalar_type() == at::kFloat, "fastipirm_cuda::", op, ": ", v.name,
+                " must be float32, got ", v.t.scalar_type());
+    TORCH_CHECK(v.t.dim() == 1 && v.t.size(0) == n, "fastipirm_cuda::", op, ": ", v.name,
+                " must have shape (", n, ",), got ", v.t.sizes());
+    TORCH_CHECK(v.t.is_contiguous(), "fastipirm_cuda::", op, ": ", v.name,
+                " must be contiguous");
+    return v.t.data_ptr<float>();
   }
 
   at::Tensor f32(at::IntArrayRef shape) const {
     return at::empty(shape, q.options().dtype(at::kFloat));
   }
+
+  // the launch of `kind` by `launch(pr, args..., workspace, stream)` (a workspace of the size
+  // the kernels ask for, kept until the call ends), checked
+  template <typename Launch, typename... Args>
+  void launched(int kind, Launch launch, Args... args) {
+    const size_t bytes = fastipirm_cuda::masked_workspace_bytes(pr, kind);
+    work = at::empty({(int64_t)(bytes > 0 ? bytes : 1)}, q.options().dtype(at::kByte));
+    const cudaError_t err = launch(pr, args..., work.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "fastipirm_cuda::", op, ": kernel launch failed: ",
+                cudaGetErrorString(err));
+  }
 };
 
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "fastipirm_cuda::", op, ": kernel launch failed: ",
-              cudaGetErrorString(err));
-}
+float* f32_ptr(at::Tensor& t) { return t.data_ptr<float>(); }
 
 std::vector<at::Tensor> masked_rowstats(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& w, const at::Tensor& m0,
                                         const OptTensor& qg, const OptTensor& kg,
                                         const OptTensor& exclude, int64_t code, double p,
                                         double inv_t, bool allow_tf32, int64_t target_blocks) {
-  const char* op = "masked_rowstats";
-  Call c(op, q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
-  const c10::cuda::CUDAGuard guard(q.device());
-  c.vec(op, "w", w, c.pr.nk);
-  c.vec(op, "m0", m0, c.pr.nq);
+  Call c("masked_rowstats", q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
+  const float* wp = c.vec({"w", w, true});
+  const float* m0p = c.vec({"m0", m0, false});
   at::Tensor m = c.f32({c.pr.nq}), z = c.f32({c.pr.nq});
-  at::Tensor work = c.workspace(fastipirm_cuda::kMaskedRowstats);
-  check_launch(op, fastipirm_cuda::launch_masked_rowstats(
-                       c.pr, w.data_ptr<float>(), m0.data_ptr<float>(), m.data_ptr<float>(),
-                       z.data_ptr<float>(), work.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  c.launched(fastipirm_cuda::kMaskedRowstats, fastipirm_cuda::launch_masked_rowstats, wp, m0p,
+             f32_ptr(m), f32_ptr(z));
   return {m, z};
+}
+
+// colsum and rowsum: three float32 vectors in, one out (of nk entries with out_per_key, else nq)
+using VectorsLaunch = cudaError_t (*)(const fastipirm_cuda::MaskedProblem&, const float*,
+                                      const float*, const float*, float*, void*, cudaStream_t);
+at::Tensor vectors_op(Call& c, int kind, VectorsLaunch launch, const Vec& a, const Vec& b,
+                      const Vec& d, bool out_per_key) {
+  const float* pa = c.vec(a);
+  const float* pb = c.vec(b);
+  const float* pd = c.vec(d);
+  at::Tensor out = c.f32({out_per_key ? c.pr.nk : c.pr.nq});
+  c.launched(kind, launch, pa, pb, pd, f32_ptr(out));
+  return out;
 }
 
 at::Tensor masked_colsum(const at::Tensor& q, const at::Tensor& k, const at::Tensor& m,
                          const at::Tensor& rho, const at::Tensor& sigma, const OptTensor& qg,
                          const OptTensor& kg, const OptTensor& exclude, int64_t code, double p,
                          double inv_t, bool allow_tf32, int64_t target_blocks) {
-  const char* op = "masked_colsum";
-  Call c(op, q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
-  const c10::cuda::CUDAGuard guard(q.device());
-  c.vec(op, "m", m, c.pr.nq);
-  c.vec(op, "rho", rho, c.pr.nq);
-  c.vec(op, "sigma", sigma, c.pr.nq);
-  at::Tensor a = c.f32({c.pr.nk});
-  at::Tensor work = c.workspace(fastipirm_cuda::kMaskedColsum);
-  check_launch(op, fastipirm_cuda::launch_masked_colsum(
-                       c.pr, m.data_ptr<float>(), rho.data_ptr<float>(), sigma.data_ptr<float>(),
-                       a.data_ptr<float>(), work.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  return a;
+  Call c("masked_colsum", q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
+  return vectors_op(c, fastipirm_cuda::kMaskedColsum, fastipirm_cuda::launch_masked_colsum,
+                    {"m", m, false}, {"rho", rho, false}, {"sigma", sigma, false}, true);
 }
 
 at::Tensor masked_rowsum(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                          const at::Tensor& m, const at::Tensor& gamma, const OptTensor& qg,
                          const OptTensor& kg, const OptTensor& exclude, int64_t code, double p,
                          double inv_t, bool allow_tf32, int64_t target_blocks) {
-  const char* op = "masked_rowsum";
-  Call c(op, q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
-  const c10::cuda::CUDAGuard guard(q.device());
-  c.vec(op, "w", w, c.pr.nk);
-  c.vec(op, "m", m, c.pr.nq);
-  c.vec(op, "gamma", gamma, c.pr.nk);
-  at::Tensor r = c.f32({c.pr.nq});
-  at::Tensor work = c.workspace(fastipirm_cuda::kMaskedRowsum);
-  check_launch(op, fastipirm_cuda::launch_masked_rowsum(
-                       c.pr, w.data_ptr<float>(), m.data_ptr<float>(), gamma.data_ptr<float>(),
-                       r.data_ptr<float>(), work.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  return r;
+  Call c("masked_rowsum", q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
+  return vectors_op(c, fastipirm_cuda::kMaskedRowsum, fastipirm_cuda::launch_masked_rowsum,
+                    {"w", w, true}, {"m", m, false}, {"gamma", gamma, true}, false);
 }
 
 std::vector<at::Tensor> masked_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
@@ -220,25 +232,17 @@ std::vector<at::Tensor> masked_grad(const at::Tensor& q, const at::Tensor& k, co
                                     const OptTensor& qg, const OptTensor& kg,
                                     const OptTensor& exclude, int64_t code, double p,
                                     double inv_t, bool allow_tf32, int64_t target_blocks) {
-  const char* op = "masked_grad";
-  Call c(op, q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
-  const c10::cuda::CUDAGuard guard(q.device());
-  c.vec(op, "w", w, c.pr.nk);
-  c.vec(op, "m", m, c.pr.nq);
-  c.vec(op, "alpha", alpha, c.pr.nq);
+  Call c("masked_grad", q, k, qg, kg, exclude, code, p, inv_t, allow_tf32, target_blocks);
+  const float* wp = c.vec({"w", w, true});
+  const float* mp = c.vec({"m", m, false});
+  const float* alphap = c.vec({"alpha", alpha, false});
   TORCH_CHECK(beta.has_value() == gamma.has_value(), "fastipirm_cuda::masked_grad: give both "
               "beta and gamma (the key penalty's second term), or neither");
-  if (gamma.has_value()) {
-    c.vec(op, "beta", *beta, c.pr.nq);
-    c.vec(op, "gamma", *gamma, c.pr.nk);
-  }
+  const float* betap = gamma ? c.vec({"beta", *beta, false}) : nullptr;
+  const float* gammap = gamma ? c.vec({"gamma", *gamma, true}) : nullptr;
   at::Tensor dq = c.f32({c.pr.nq, c.pr.d}), dk = c.f32({c.pr.nk, c.pr.d});
-  at::Tensor work = c.workspace(fastipirm_cuda::kMaskedGrad);
-  check_launch(op, fastipirm_cuda::launch_masked_grad(
-                       c.pr, w.data_ptr<float>(), m.data_ptr<float>(), alpha.data_ptr<float>(),
-                       gamma ? beta->data_ptr<float>() : nullptr,
-                       gamma ? gamma->data_ptr<float>() : nullptr, dq.data_ptr<float>(),
-                       dk.data_ptr<float>(), work.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  c.launched(fastipirm_cuda::kMaskedGrad, fastipirm_cuda::launch_masked_grad, wp, mp, alphap,
+             betap, gammap, f32_ptr(dq), f32_ptr(dk));
   return {dq, dk};
 }
 

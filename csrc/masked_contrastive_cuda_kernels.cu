@@ -22,7 +22,7 @@
 //   split order (rowstats: an online-max merge). Deterministic for a given target_blocks.
 // * 256 threads. The similarity tile St[s * kLds + o] = s(own_o, stream_s) (fp32, own index
 //   contiguous) is computed over chunks of kKC = 32 feature columns staged in shared memory
-//   transposed (At[k][o], Bt[k][s]):
+//   transposed (At[k][o], Bt[k][s]) by sim_tile (cuda_common.cuh, shared with the env kernels):
 //   - float16 / bfloat16 features (dot, squared distance): nvcuda::wmma m16n16k16 tensor-core
 //     tiles, fp32 accumulation; float32 with allow_tf32: m16n16k8 precision::tf32 (operands
 //     rounded with __float_to_tf32); the squared distance as |a|^2 + |b|^2 - 2 a.b clamped at 0,
@@ -55,26 +55,18 @@
 // sm_90's 227 KB (grad needs the opt-in above 48 KB: allow_smem).
 #include "masked_contrastive_cuda.h"
 
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <mma.h>
-
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-
-#include <type_traits>
+#include "cuda_common.cuh"
 
 namespace fastipirm_cuda {
 namespace {
 
-using namespace nvcuda;
+using namespace kernel_common;  // kThreads (256), kKC (32), Feat, Carve, sim_tile, dispatch_feat
 
-constexpr int kThreads = 256;          // 8 warps; a 16 x 16 thread grid for the FMA micro tiles
+static_assert(kMaskedF32 == kCodeF32 && kMaskedF16 == kCodeF16 && kMaskedBF16 == kCodeBF16,
+              "MaskedFeat codes are the kCode* of dispatch_feat");
+
 constexpr int kB = 64;                 // rows of an own block = rows of a stream tile
 constexpr int kLds = kB + 4;           // row stride of St (floats; a multiple of 4 for wmma)
-constexpr int kKC = 32;                // feature columns staged per step of the similarity tile
 constexpr int kParts = kThreads / kB;  // threads per own row in the epilogues
 constexpr int kSeg = kB / kParts;      // stream rows per thread in the epilogues
 constexpr int kDW = 128;               // gradient feature columns per launch
@@ -85,53 +77,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 enum Mode : int { kRowstatsMode = 0, kRowsumMode = 1, kColsumMode = 2 };
 
-template <typename T> struct Feat;
-template <> struct Feat<float> {
-  static constexpr int pad = 4;  // staging row padding (elements): ldm multiple of 16 bytes
-  static constexpr bool half = false;
-  __device__ static float zero() { return 0.f; }
-  __device__ static float to_float(float x) { return x; }
-};
-template <> struct Feat<__half> {
-  static constexpr int pad = 8;
-  static constexpr bool half = true;
-  __device__ static __half zero() { return __float2half(0.f); }
-  __device__ static float to_float(__half x) { return __half2float(x); }
-};
-template <> struct Feat<__nv_bfloat16> {
-  static constexpr int pad = 8;
-  static constexpr bool half = true;
-  __device__ static __nv_bfloat16 zero() { return __float2bfloat16(0.f); }
-  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-__host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
-__host__ __device__ constexpr size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
-__host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
-__host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
-__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
-
-struct Carve {  // consecutive 128-byte aligned sections of the dynamic shared memory
-  size_t off = 0;
-  __host__ __device__ size_t take(size_t bytes) {
-    const size_t o = off;
-    off += align128(bytes);
-    return o;
-  }
-};
-
-template <typename T>
-__host__ __device__ constexpr size_t stage_bytes() {
-  return 2 * align128(sizeof(T) * kKC * (kB + Feat<T>::pad));
-}
-
 struct Smem { size_t stage, st, an, bn, red, qm, qa, qb, kw, kgm, gq, gk, xb, total; };
 template <typename T>
 __host__ __device__ Smem smem_layout(bool grad) {
   Carve c;
   Smem s;
-  s.stage = c.take(max_size(stage_bytes<T>(), grad ? sizeof(float) * kB * kDW : 0));
-  s.st = c.take(sizeof(float) * kB * kLds);
+  s.stage = c.take(max_size(stage_bytes<T, kB, kB>(), grad ? sizeof(float) * kB * kDW : 0));
+  s.st = c.take(tile_bytes(kB, kB));
   s.an = c.take(sizeof(float) * kB);
   s.bn = c.take(sizeof(float) * kB);
   s.red = c.take(sizeof(float) * kParts * kB);
@@ -202,161 +154,6 @@ __device__ __forceinline__ TileSmem tile_smem(unsigned char* smem, const Smem& L
 // device helpers
 // ------------------------------------------------------------------------------------------------
 
-// rows row0 .. row0 + kB - 1, feature columns k0 .. k0 + kKC - 1 of F (N x D), transposed into
-// dst[k * (kB + pad) + r], zero outside F
-template <typename T>
-__device__ __forceinline__ void load_feat_t(const T* __restrict__ F, int N, int D, int row0,
-                                            int k0, T* __restrict__ dst) {
-  constexpr int ld = kB + Feat<T>::pad;
-  for (int o = threadIdx.x; o < kB * kKC; o += kThreads) {
-    const int r = o / kKC, k = o - r * kKC;
-    const int gr = row0 + r, gk = k0 + k;
-    dst[k * ld + r] = (gr < N && gk < D) ? F[(size_t)gr * D + gk] : Feat<T>::zero();
-  }
-}
-
-// acc += f_C(a, b) summed over the features: a b (C = 0), (a - b)^2, |a - b|, |a - b|^p
-template <int C>
-__device__ __forceinline__ float sim_acc(float acc, float a, float b, float p) {
-  if constexpr (C == 0) {
-    return fmaf(a, b, acc);
-  } else {
-    const float d = a - b;
-    if constexpr (C == 1) return fmaf(d, d, acc);
-    if constexpr (C == 2) return acc + fabsf(d);
-    return acc + exp2f(p * log2f(fabsf(d)));  // |d| = 0: exp2f(-inf) = 0 (p >= 1)
-  }
-}
-
-// acc[i][j] += sum_k f_C(At[k * lda + ty + 16 i], Bt[k * ldb + tx + 16 j])
-template <int C>
-__device__ __forceinline__ void sim_fma(float (&acc)[kRM][kRM], const float* __restrict__ At,
-                                        int lda, const float* __restrict__ Bt, int ldb, int K,
-                                        int ty, int tx, float p) {
-  for (int k = 0; k < K; ++k) {
-    float a[kRM], b[kRM];
-#pragma unroll
-    for (int i = 0; i < kRM; ++i) a[i] = At[k * lda + ty + 16 * i];
-#pragma unroll
-    for (int j = 0; j < kRM; ++j) b[j] = Bt[k * ldb + tx + 16 * j];
-#pragma unroll
-    for (int i = 0; i < kRM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kRM; ++j) acc[i][j] = sim_acc<C>(acc[i][j], a[i], b[j], p);
-    }
-  }
-}
-
-// St[s * kLds + o] = sim(A[a0 + o], Bm[b0 + s]) for o, s < kB (the similarity s itself: the dot
-// product or minus the distance; rows past na / nb read as zeros). Starts with a barrier (the
-// previous readers of the staging area, St, an and bn are done); the caller synchronises before
-// reading St. an / bn: scratch for the norms of the squared distance on tensor cores.
-template <typename T, bool TF32>
-__device__ __forceinline__ void s_tile(const T* __restrict__ A, int na, const T* __restrict__ Bm,
-                                       int nb, int D, int a0, int b0, int code, float p,
-                                       unsigned char* stage, float* __restrict__ St,
-                                       float* __restrict__ an, float* __restrict__ bn) {
-  constexpr int ld = kB + Feat<T>::pad;
-  T* At = reinterpret_cast<T*>(stage);
-  T* Bt = reinterpret_cast<T*>(stage + align128(sizeof(T) * kKC * ld));
-  const int tid = threadIdx.x;
-  __syncthreads();
-  if constexpr (Feat<T>::half || TF32) {
-    constexpr int FM = kB / 16, FN = kB / 16, NW = kThreads / 32;
-    static_assert((FM * FN) % NW == 0, "fragments must split evenly over the warps");
-    constexpr int FPW = FM * FN / NW;
-    constexpr int KS = Feat<T>::half ? 16 : 8;
-    using Prec = typename std::conditional<Feat<T>::half, T, wmma::precision::tf32>::type;
-    const int warp = tid / 32;
-    const bool norms = code == 1;
-    float nrm = 0.f;  // threads < kB: |A row|^2, kB .. 2 kB - 1: |Bm row|^2
-    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[FPW];
-#pragma unroll
-    for (int t = 0; t < FPW; ++t) wmma::fill_fragment(acc[t], 0.f);
-    for (int k0 = 0; k0 < D; k0 += kKC) {
-      load_feat_t<T>(A, na, D, a0, k0, At);
-      load_feat_t<T>(Bm, nb, D, b0, k0, Bt);
-      __syncthreads();
-      const int kend = D - k0;  // block-uniform; the staged columns beyond D are zeros
-#pragma unroll
-      for (int kk = 0; kk < kKC; kk += KS) {
-        if (kk < kend) {
-#pragma unroll
-          for (int t = 0; t < FPW; ++t) {
-            const int f = warp * FPW + t, fm = f / FN, fn = f % FN;
-            wmma::fragment<wmma::matrix_a, 16, 16, KS, Prec, wmma::col_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, KS, Prec, wmma::row_major> b;
-            wmma::load_matrix_sync(a, At + kk * ld + fm * 16, ld);
-            wmma::load_matrix_sync(b, Bt + kk * ld + fn * 16, ld);
-            if constexpr (!Feat<T>::half) {
-#pragma unroll
-              for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
-#pragma unroll
-              for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
-            }
-            wmma::mma_sync(acc[t], a, b, acc[t]);
-          }
-        }
-      }
-      if (norms && tid < 2 * kB) {
-        const T* src = tid < kB ? At + tid : Bt + (tid - kB);
-        const int kc = imin(kKC, kend);
-        for (int k = 0; k < kc; ++k) {
-          const float v = Feat<T>::to_float(src[k * ld]);
-          nrm = fmaf(v, v, nrm);
-        }
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int t = 0; t < FPW; ++t) {
-      const int f = warp * FPW + t, fm = f / FN, fn = f % FN;
-      wmma::store_matrix_sync(St + fn * 16 * kLds + fm * 16, acc[t], kLds, wmma::mem_col_major);
-    }
-    if (norms) {
-      if (tid < kB) {
-        an[tid] = nrm;
-      } else if (tid < 2 * kB) {
-        bn[tid - kB] = nrm;
-      }
-      __syncthreads();
-      for (int e = tid; e < kB * kB; e += kThreads) {
-        const int s = e / kB, o = e - s * kB;
-        float* v = St + s * kLds + o;
-        *v = -fmaxf(an[o] + bn[s] - 2.f * *v, 0.f);
-      }
-    }
-  } else {
-    static_assert(std::is_same<T, float>::value, "the FMA tiles read float32 features");
-    const int ty = tid / 16, tx = tid % 16;
-    float acc[kRM][kRM];
-#pragma unroll
-    for (int i = 0; i < kRM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kRM; ++j) acc[i][j] = 0.f;
-    }
-    for (int k0 = 0; k0 < D; k0 += kKC) {
-      load_feat_t<T>(A, na, D, a0, k0, At);
-      load_feat_t<T>(Bm, nb, D, b0, k0, Bt);
-      __syncthreads();
-      const int kc = imin(kKC, D - k0);
-      switch (code) {
-        case 0: sim_fma<0>(acc, At, ld, Bt, ld, kc, ty, tx, p); break;
-        case 1: sim_fma<1>(acc, At, ld, Bt, ld, kc, ty, tx, p); break;
-        case 2: sim_fma<2>(acc, At, ld, Bt, ld, kc, ty, tx, p); break;
-        default: sim_fma<3>(acc, At, ld, Bt, ld, kc, ty, tx, p); break;
-      }
-      __syncthreads();
-    }
-    const float sign = code == 0 ? 1.f : -1.f;
-#pragma unroll
-    for (int i = 0; i < kRM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kRM; ++j) St[(tx + 16 * j) * kLds + ty + 16 * i] = sign * acc[i][j];
-    }
-  }
-}
-
 // The per-tile vectors of the queries q0 .. q0 + kB - 1 and keys k0 .. k0 + kB - 1 into shared
 // memory (threads 0 .. 2 kB - 1; the caller synchronises): query shifts pre-scaled by log2(e)
 // (load_m), qa / qb, key weights (times gamma: kw_gamma) and gamma, the groups, and the
@@ -421,7 +218,8 @@ __device__ __forceinline__ bool tile_skipped(const Params& P, int ob, int t) {
 // One float per own row. rowstats (own = queries): online max m (started at m0) over the
 // negatives of non-zero weight and z = sum_j w_j e^{x - m}, rescaled at each tile; out = m,
 // out2 = z. rowsum (own = queries): sum_j (w_j gamma_j) e^{x - m} x. colsum (own = keys):
-// sum_i e^{x - m_i} (rho_i x + sigma_i). Split s of own block ob: stream tiles s * split_tiles onwards.
+// sum_i e^{x - m_i} (rho_i x + sigma_i). Split s of own block ob: stream tiles s * split_tiles
+// onwards.
 template <typename T, bool TF32, int MODE>
 __global__ void __launch_bounds__(kThreads, 2)
 masked_reduce_kernel(const Params P) {
@@ -446,8 +244,9 @@ masked_reduce_kernel(const Params P) {
   for (int t = t_lo; t < t_hi; ++t) {
     if (tile_skipped(P, ob, t)) continue;
     const int s0 = t * kB;
-    s_tile<T, TF32>(static_cast<const T*>(P.own), P.n_own, static_cast<const T*>(P.str),
-                    P.n_str, P.d, o0, s0, P.code, P.p, smem + L.stage, St, an, bn);
+    sim_tile<T, TF32, kB, kB, true>(static_cast<const T*>(P.own), P.n_own,
+                                    static_cast<const T*>(P.str), P.n_str, P.d, o0, s0, P.code,
+                                    P.p, smem + L.stage, St, an, bn);
     load_tile(P, S, TRANS ? s0 : o0, TRANS ? o0 : s0, nq, nk, MODE != kRowstatsMode,
               MODE == kRowsumMode);
     __syncthreads();
@@ -511,32 +310,14 @@ masked_reduce_kernel(const Params P) {
   }
 }
 
-// dot / squared distance gradient products: acc[i][j] += sum_s G[s][ty + 16 i] SF[s][tx + 16 j]
-// for the column groups j < jn
-__device__ __forceinline__ void gemm_acc(float (&acc)[kRM][kRD], const float* __restrict__ G,
-                                         const float* __restrict__ SF, int ns, int jn, int ty,
-                                         int tx) {
-  for (int s = 0; s < ns; ++s) {
-    float g[kRM];
-#pragma unroll
-    for (int i = 0; i < kRM; ++i) g[i] = G[s * kLds + ty + 16 * i];
-#pragma unroll
-    for (int j = 0; j < kRD; ++j) {
-      if (j >= jn) break;  // block-uniform: the window's 16-column groups
-      const float b = SF[s * kDW + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < kRM; ++i) acc[i][j] = fmaf(g[i], b, acc[i][j]);
-    }
-  }
-}
-
-// l1 / lp gradient products: acc[i][j] += sum_s G[s][ty + 16 i] slope(of[i][j] - SF[s][tx + 16 j])
-// for the column groups j < jn
+// gradient products for the column groups j < jn: acc[i][j] += sum_s G[s][ty + 16 i] h, with
+// h = SF[s][tx + 16 j] (C = 0: dot / squared distance) or the slope of |.|^p at of[i][j] -
+// SF[s][tx + 16 j] (C = 2: l1, sign; C = 3: lp)
 template <int C>
-__device__ __forceinline__ void slope_acc(float (&acc)[kRM][kRD], const float (&of)[kRM][kRD],
-                                          const float* __restrict__ G,
-                                          const float* __restrict__ SF, int ns, int jn, int ty,
-                                          int tx, float p) {
+__device__ __forceinline__ void grad_acc(float (&acc)[kRM][kRD], const float (&of)[kRM][kRD],
+                                         const float* __restrict__ G,
+                                         const float* __restrict__ SF, int ns, int jn, int ty,
+                                         int tx, float p) {
   for (int s = 0; s < ns; ++s) {
     float g[kRM];
 #pragma unroll
@@ -547,12 +328,16 @@ __device__ __forceinline__ void slope_acc(float (&acc)[kRM][kRD], const float (&
       const float b = SF[s * kDW + tx + 16 * j];
 #pragma unroll
       for (int i = 0; i < kRM; ++i) {
-        const float dl = of[i][j] - b;
-        if constexpr (C == 2) {
-          acc[i][j] += dl > 0.f ? g[i] : (dl < 0.f ? -g[i] : 0.f);
+        if constexpr (C == 0) {
+          acc[i][j] = fmaf(g[i], b, acc[i][j]);
         } else {
-          const float sl = dl != 0.f ? p * exp2f((p - 1.f) * log2f(fabsf(dl))) : 0.f;
-          acc[i][j] = fmaf(g[i], copysignf(sl, dl), acc[i][j]);
+          const float dl = of[i][j] - b;
+          if constexpr (C == 2) {
+            acc[i][j] += dl > 0.f ? g[i] : (dl < 0.f ? -g[i] : 0.f);
+          } else {
+            const float sl = dl != 0.f ? p * exp2f((p - 1.f) * log2f(fabsf(dl))) : 0.f;
+            acc[i][j] = fmaf(g[i], copysignf(sl, dl), acc[i][j]);
+          }
         }
       }
     }
@@ -608,8 +393,8 @@ masked_grad_kernel(const Params P) {
   for (int t = t_lo; t < t_hi; ++t) {
     if (tile_skipped(P, ob, t)) continue;
     const int s0 = t * kB;
-    s_tile<T, TF32>(own, P.n_own, str, P.n_str, D, o0, s0, code, P.p, smem + L.stage, St, an,
-                    bn);
+    sim_tile<T, TF32, kB, kB, true>(own, P.n_own, str, P.n_str, D, o0, s0, code, P.p,
+                                    smem + L.stage, St, an, bn);
     load_tile(P, S, TRANS ? s0 : o0, TRANS ? o0 : s0, nq, nk, true, false);
     __syncthreads();
 #pragma unroll 4
@@ -637,12 +422,12 @@ masked_grad_kernel(const Params P) {
     __syncthreads();
     const int ns = imin(kB, P.n_str - s0);
     if (code <= 1) {
-      gemm_acc(acc, St, SF, ns, jn, ty, tx);
+      grad_acc<0>(acc, of, St, SF, ns, jn, ty, tx, P.p);
     } else if constexpr (kFma) {
       if (code == 2) {
-        slope_acc<2>(acc, of, St, SF, ns, jn, ty, tx, P.p);
+        grad_acc<2>(acc, of, St, SF, ns, jn, ty, tx, P.p);
       } else {
-        slope_acc<3>(acc, of, St, SF, ns, jn, ty, tx, P.p);
+        grad_acc<3>(acc, of, St, SF, ns, jn, ty, tx, P.p);
       }
     }
   }
@@ -728,29 +513,13 @@ masked_combine_rowstats_kernel(const float* __restrict__ pm, const float* __rest
 // launchers
 // ------------------------------------------------------------------------------------------------
 
-template <typename T, bool TF32> struct Tag {
-  using type = T;
-  static constexpr bool tf32 = TF32;
-};
-
 // the kernel variant of a problem: float16 / bfloat16 (tensor cores), float32 with TF32 tensor
-// cores, float32 FMAs (every similarity)
+// cores, float32 FMAs (every similarity; the only variant of l1 / lp)
 template <typename Fn>
 cudaError_t dispatch(const MaskedProblem& pr, Fn&& fn) {
   if (pr.code >= 2) return pr.feat_type == kMaskedF32 ? fn(Tag<float, false>())
                                                       : cudaErrorInvalidValue;
-  switch (pr.feat_type) {
-    case kMaskedF16: return fn(Tag<__half, false>());
-    case kMaskedBF16: return fn(Tag<__nv_bfloat16, false>());
-    case kMaskedF32: return pr.allow_tf32 ? fn(Tag<float, true>()) : fn(Tag<float, false>());
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  return dispatch_feat(pr.feat_type, pr.allow_tf32, cudaErrorInvalidValue, fn);
 }
 
 // own blocks x splits of the stream tiles (contiguous ranges of split_tiles tiles)
@@ -795,64 +564,33 @@ bool problem_ok(const MaskedProblem& pr) {
          pr.ne >= 0 && (pr.ne == 0 || pr.exclude) && pr.target_blocks >= 1;
 }
 
-// Params common to every launch of a problem (group ranges in the workspace, launched here)
-cudaError_t base_params(const MaskedProblem& pr, void* work, cudaStream_t stream, Params& P,
-                        int64_t** rq, int64_t** rk, float** partial) {
-  P = Params();
-  P.d = pr.d;
-  P.code = pr.code;
-  P.p = pr.p;
-  P.inv_t = pr.inv_t;
-  P.sc = pr.inv_t * kLog2e;
-  P.gq = pr.qg;
-  P.gk = pr.kg;
-  P.excl = pr.ne > 0 ? pr.exclude : nullptr;
-  P.ne = pr.ne;
-  *rq = *rk = nullptr;
-  *partial = reinterpret_cast<float*>(static_cast<unsigned char*>(work) + range_bytes(pr));
-  if (pr.qg) {
-    *rq = static_cast<int64_t*>(work);
-    *rk = *rq + 2 * (size_t)cdiv(pr.nq, kB);
-    const int chunks = cdiv(pr.nq, kB) + cdiv(pr.nk, kB);
-    masked_group_ranges_kernel<<<cdiv(chunks, kThreads), kThreads, 0, stream>>>(
-        pr.qg, pr.nq, pr.kg, pr.nk, *rq, *rk);
-    return cudaGetLastError();
-  }
-  return cudaSuccess;
+// the split of P's stream side into P (own blocks x splits)
+Plan plan_launch(const MaskedProblem& pr, Params& P) {
+  const Plan plan = make_plan(P.n_own, P.n_str, pr.target_blocks);
+  P.n_own_blocks = plan.own_blocks;
+  P.split_tiles = plan.split_tiles;
+  return plan;
 }
 
-// the orientation: own = queries (rows) or keys (cols)
-void orient(const MaskedProblem& pr, bool trans, const int64_t* rq, const int64_t* rk,
-            Params& P) {
-  P.own = trans ? pr.k : pr.q;
-  P.str = trans ? pr.q : pr.k;
-  P.n_own = trans ? pr.nk : pr.nq;
-  P.n_str = trans ? pr.nq : pr.nk;
-  P.rng_own = trans ? rk : rq;
-  P.rng_str = trans ? rq : rk;
-}
-
-int combine_grid(size_t n) {
+// out[i] = the sum of the `splits` partials parts[s * n + i], in split order
+cudaError_t combine_sum(const float* parts, int splits, size_t n, float* out,
+                        cudaStream_t stream) {
   const size_t blocks = (n + kThreads - 1) / kThreads;
-  return (int)(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+  const int grid = (int)(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+  masked_combine_sum_kernel<<<grid, kThreads, 0, stream>>>(parts, splits, n,
+                                                             (size_t)grid * kThreads, out);
+  return cudaGetLastError();
 }
 
 template <int MODE>
 cudaError_t run_reduce(const MaskedProblem& pr, Params P, float* out, float* out2,
                        float* partial, cudaStream_t stream) {
-  const Plan plan = make_plan(P.n_own, P.n_str, pr.target_blocks);
-  P.n_own_blocks = plan.own_blocks;
-  P.split_tiles = plan.split_tiles;
+  const Plan plan = plan_launch(pr, P);
   const size_t n = (size_t)P.n_own;
-  if (plan.splits > 1) {
-    P.out = partial;
-    P.out2 = partial + plan.splits * n;
-    P.out_split = n;
-  } else {
-    P.out = out;
-    P.out2 = out2;
-    P.out_split = 0;
-  }
+  const bool split = plan.splits > 1;
+  P.out = split ? partial : out;
+  P.out2 = split ? partial + plan.splits * n : out2;
+  P.out_split = split ? n : 0;
   return dispatch(pr, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     constexpr bool TF = decltype(tag)::tf32;
@@ -862,14 +600,10 @@ cudaError_t run_reduce(const MaskedProblem& pr, Params P, float* out, float* out
     if (err != cudaSuccess) return err;
     kernel<<<plan.own_blocks * plan.splits, kThreads, smem, stream>>>(P);
     err = cudaGetLastError();
-    if (err != cudaSuccess || plan.splits == 1) return err;
-    if (MODE == kRowstatsMode) {
-      masked_combine_rowstats_kernel<<<cdiv((int)n, kThreads), kThreads, 0, stream>>>(
-          partial, partial + plan.splits * n, plan.splits, (int)n, out, out2);
-    } else {
-      masked_combine_sum_kernel<<<combine_grid(n), kThreads, 0, stream>>>(
-          partial, plan.splits, n, (size_t)combine_grid(n) * kThreads, out);
-    }
+    if (err != cudaSuccess || !split) return err;
+    if (MODE != kRowstatsMode) return combine_sum(partial, plan.splits, n, out, stream);
+    masked_combine_rowstats_kernel<<<cdiv((int)n, kThreads), kThreads, 0, stream>>>(
+        partial, partial + plan.splits * n, plan.splits, (int)n, out, out2);
     return cudaGetLastError();
   });
 }
@@ -877,9 +611,7 @@ cudaError_t run_reduce(const MaskedProblem& pr, Params P, float* out, float* out
 template <bool TRANS>
 cudaError_t run_grad(const MaskedProblem& pr, Params P, float* out, float* partial,
                      cudaStream_t stream) {
-  const Plan plan = make_plan(P.n_own, P.n_str, pr.target_blocks);
-  P.n_own_blocks = plan.own_blocks;
-  P.split_tiles = plan.split_tiles;
+  const Plan plan = plan_launch(pr, P);
   const size_t n = (size_t)P.n_own * pr.d;
   P.out = plan.splits > 1 ? partial : out;
   P.out_split = plan.splits > 1 ? n : 0;
@@ -897,11 +629,75 @@ cudaError_t run_grad(const MaskedProblem& pr, Params P, float* out, float* parti
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    if (plan.splits == 1) return cudaSuccess;
-    masked_combine_sum_kernel<<<combine_grid(n), kThreads, 0, stream>>>(
-        partial, plan.splits, n, (size_t)combine_grid(n) * kThreads, out);
-    return cudaGetLastError();
+    return plan.splits == 1 ? cudaSuccess : combine_sum(partial, plan.splits, n, out, stream);
   });
+}
+
+// the vectors of a launcher (Params' qm, qa, qb, kw, kgam)
+struct Vectors { const float *qm, *qa, *qb, *kw, *kgam; };
+
+// A launcher: the problem, the launcher's pointers (`ok`) and the workspace of `op` checked; the
+// Params of the problem and the vectors v; the group ranges computed into the workspace (the
+// partials follow them); then the passes of `op`: rowstats (out = m, out2 = z), rowsum (out = r),
+// colsum (out = a; own = keys), grad (out = dq with own = queries, then out2 = dk with own =
+// keys).
+cudaError_t run_op(const MaskedProblem& pr, int op, bool ok, const Vectors& v, float* out,
+                   float* out2, void* work, cudaStream_t stream) {
+  if (!problem_ok(pr) || !ok || (masked_workspace_bytes(pr, op) > 0 && !work))
+    return cudaErrorInvalidValue;
+  Params P{};
+  P.qm = v.qm;
+  P.qa = v.qa;
+  P.qb = v.qb;
+  P.kw = v.kw;
+  P.kgam = v.kgam;
+  P.d = pr.d;
+  P.code = pr.code;
+  P.p = pr.p;
+  P.inv_t = pr.inv_t;
+  P.sc = pr.inv_t * kLog2e;
+  P.gq = pr.qg;
+  P.gk = pr.kg;
+  P.excl = pr.ne > 0 ? pr.exclude : nullptr;
+  P.ne = pr.ne;
+  int64_t* rq = nullptr;
+  int64_t* rk = nullptr;
+  float* partial = reinterpret_cast<float*>(static_cast<unsigned char*>(work) + range_bytes(pr));
+  if (pr.qg) {
+    rq = static_cast<int64_t*>(work);
+    rk = rq + 2 * (size_t)cdiv(pr.nq, kB);
+    const int chunks = cdiv(pr.nq, kB) + cdiv(pr.nk, kB);
+    masked_group_ranges_kernel<<<cdiv(chunks, kThreads), kThreads, 0, stream>>>(
+        pr.qg, pr.nq, pr.kg, pr.nk, rq, rk);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  auto orient = [&](bool trans) {  // own = queries (rows) or keys (trans: cols)
+    P.own = trans ? pr.k : pr.q;
+    P.str = trans ? pr.q : pr.k;
+    P.n_own = trans ? pr.nk : pr.nq;
+    P.n_str = trans ? pr.nq : pr.nk;
+    P.rng_own = trans ? rk : rq;
+    P.rng_str = trans ? rq : rk;
+  };
+  switch (op) {
+    case kMaskedRowstats:
+      orient(false);
+      return run_reduce<kRowstatsMode>(pr, P, out, out2, partial, stream);
+    case kMaskedRowsum:
+      orient(false);
+      return run_reduce<kRowsumMode>(pr, P, out, nullptr, partial, stream);
+    case kMaskedColsum:
+      orient(true);
+      return run_reduce<kColsumMode>(pr, P, out, nullptr, partial, stream);
+    default: {
+      orient(false);
+      const cudaError_t err = run_grad<false>(pr, P, out, partial, stream);
+      if (err != cudaSuccess) return err;
+      orient(true);
+      return run_grad<true>(pr, P, out2, partial, stream);
+    }
+  }
 }
 
 }  // namespace
@@ -913,86 +709,34 @@ size_t masked_workspace_bytes(const MaskedProblem& pr, int op) {
 
 cudaError_t launch_masked_rowstats(const MaskedProblem& pr, const float* w, const float* m0,
                                    float* m, float* z, void* work, cudaStream_t stream) {
-  if (!problem_ok(pr) || !w || !m0 || !m || !z ||
-      (masked_workspace_bytes(pr, kMaskedRowstats) > 0 && !work))
-    return cudaErrorInvalidValue;
-  Params P;
-  int64_t *rq, *rk;
-  float* partial;
-  cudaError_t err = base_params(pr, work, stream, P, &rq, &rk, &partial);
-  if (err != cudaSuccess) return err;
-  orient(pr, false, rq, rk, P);
-  P.qm = m0;
-  P.kw = w;
-  return run_reduce<kRowstatsMode>(pr, P, m, z, partial, stream);
+  return run_op(pr, kMaskedRowstats, w && m0 && m && z, {m0, nullptr, nullptr, w, nullptr}, m, z,
+                work, stream);
 }
 
 cudaError_t launch_masked_colsum(const MaskedProblem& pr, const float* m, const float* rho,
                                  const float* sigma, float* a, void* work, cudaStream_t stream) {
-  if (!problem_ok(pr) || !m || !rho || !sigma || !a ||
-      (masked_workspace_bytes(pr, kMaskedColsum) > 0 && !work))
-    return cudaErrorInvalidValue;
-  Params P;
-  int64_t *rq, *rk;
-  float* partial;
-  cudaError_t err = base_params(pr, work, stream, P, &rq, &rk, &partial);
-  if (err != cudaSuccess) return err;
-  orient(pr, true, rq, rk, P);
-  P.qm = m;
-  P.qa = rho;
-  P.qb = sigma;
-  return run_reduce<kColsumMode>(pr, P, a, nullptr, partial, stream);
+  return run_op(pr, kMaskedColsum, m && rho && sigma && a, {m, rho, sigma, nullptr, nullptr}, a,
+                nullptr, work, stream);
 }
 
 cudaError_t launch_masked_rowsum(const MaskedProblem& pr, const float* w, const float* m,
                                  const float* gamma, float* r, void* work, cudaStream_t stream) {
-  if (!problem_ok(pr) || !w || !m || !gamma || !r ||
-      (masked_workspace_bytes(pr, kMaskedRowsum) > 0 && !work))
-    return cudaErrorInvalidValue;
-  Params P;
-  int64_t *rq, *rk;
-  float* partial;
-  cudaError_t err = base_params(pr, work, stream, P, &rq, &rk, &partial);
-  if (err != cudaSuccess) return err;
-  orient(pr, false, rq, rk, P);
-  P.qm = m;
-  P.kw = w;
-  P.kgam = gamma;
-  return run_reduce<kRowsumMode>(pr, P, r, nullptr, partial, stream);
+  return run_op(pr, kMaskedRowsum, w && m && gamma && r, {m, nullptr, nullptr, w, gamma}, r,
+                nullptr, work, stream);
 }
 
 cudaError_t launch_masked_grad(const MaskedProblem& pr, const float* w, const float* m,
                                const float* alpha, const float* beta, const float* gamma,
                                float* dq, float* dk, void* work, cudaStream_t stream) {
-  if (!problem_ok(pr) || !w || !m || !alpha || (gamma && !beta) || !dq || !dk ||
-      (masked_workspace_bytes(pr, kMaskedGrad) > 0 && !work))
-    return cudaErrorInvalidValue;
-  Params P;
-  int64_t *rq, *rk;
-  float* partial;
-  cudaError_t err = base_params(pr, work, stream, P, &rq, &rk, &partial);
-  if (err != cudaSuccess) return err;
-  P.qm = m;
-  P.qa = alpha;
-  P.qb = gamma ? beta : nullptr;
-  P.kw = w;
-  P.kgam = gamma;
-  orient(pr, false, rq, rk, P);
-  err = run_grad<false>(pr, P, dq, partial, stream);
-  if (err != cudaSuccess) return err;
-  orient(pr, true, rq, rk, P);
-  return run_grad<true>(pr, P, dk, partial, stream);
+  return run_op(pr, kMaskedGrad, w && m && alpha && (beta || !gamma) && dq && dk,
+                {m, alpha, gamma ? beta : nullptr, w, gamma}, dq, dk, work, stream);
 }
 
 int masked_smem_bytes(int feat_type, bool allow_tf32, int op) {
-  const bool grad = op == kMaskedGrad;
-  (void)allow_tf32;  // the TF32 tiles stage float32 like the FMA tiles
-  switch (feat_type) {
-    case kMaskedF16: return (int)smem_layout<__half>(grad).total;
-    case kMaskedBF16: return (int)smem_layout<__nv_bfloat16>(grad).total;
-    case kMaskedF32: return (int)smem_layout<float>(grad).total;
-    default: return -1;
-  }
+  const bool grad = op == kMaskedGrad;  // (the TF32 tiles stage float32 like the FMA tiles)
+  return dispatch_feat(feat_type, allow_tf32, -1, [&](auto tag) {
+    return (int)smem_layout<typename decltype(tag)::type>(grad).total;
+  });
 }
 
 }  // namespace fastipirm_cuda

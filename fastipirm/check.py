@@ -154,28 +154,26 @@ def compare_case(backend: str, case: Case, device="cpu", dtype=torch.float32) ->
                for i, (g, r) in enumerate(zip(got, want)))
 
 
-def run_check(backends=None, quick: bool = False, device: str = "cpu", out=print) -> bool:
-    """Print a table of the largest relative error per backend; True when all pass."""
-    backends = backends or available_backends(device)
-    cases = default_cases(quick)
+def _table(title: str, backends, cases, compare: Callable, out) -> bool:
+    """Print one table: per backend, the largest error of ``compare(backend, case) -> (error,
+    what)`` over ``cases`` (a raise or a NaN is a failure); True when every backend passes."""
     ok = True
-    out(f"fastipirm check: {len(cases)} cases on {device}, fp32 inputs, vs float64 reference "
-        f"(values and gradients, relative tolerance {FP32_TOLERANCE:g})")
+    out(f"{title}: {len(cases)} cases, fp32 inputs, vs float64 reference (values and "
+        f"gradients, relative tolerance {FP32_TOLERANCE:g})")
     out(f"{'backend':<10} {'cases':>6} {'max rel err':>12} {'worst case':<50} status")
     for name in backends:
         worst, worst_case = 0.0, None
         for case in cases:
             try:
-                err = compare_case(name, case, device=device)
+                err, what = compare(name, case)
             except Exception as exc:  # report, do not hide: a crashing backend is a failure
-                err, worst_case = float("inf"), f"{case} raised {type(exc).__name__}: {exc}"
-                worst = err
+                worst, worst_case = float("inf"), f"{case} raised {type(exc).__name__}: {exc}"
                 break
             if math.isnan(err):
-                worst, worst_case = float("inf"), f"{case} gave NaN"
+                worst, worst_case = float("inf"), f"{case} gave NaN{what}"
                 break
             if err > worst:
-                worst, worst_case = err, str(case)
+                worst, worst_case = err, f"{case}{what}"
         passed = worst <= FP32_TOLERANCE
         ok &= passed
         label = (worst_case or "")[:50]
@@ -183,6 +181,14 @@ def run_check(backends=None, quick: bool = False, device: str = "cpu", out=print
         if not passed:
             out(f"  {name}: worst case {worst_case}")
     return ok
+
+
+def run_check(backends=None, quick: bool = False, device: str = "cpu", out=print) -> bool:
+    """Print the table of ``env_contrastive_loss``: the largest relative error per backend;
+    True when all pass."""
+    return _table(f"env_contrastive_loss on {device}", backends or available_backends(device),
+                  default_cases(quick),
+                  lambda name, case: (compare_case(name, case, device=device), ""), out)
 
 
 # ------------------------------------------------------------------ masked_contrastive_loss
@@ -510,30 +516,13 @@ def run_masked_check(backends=None, quick: bool = False, device: str = "cpu",
     ``masked_contrastive_loss`` (fp32 inputs) against its float64 reference; True when all
     pass."""
     backends = MASKED.available(device) if backends is None else backends
-    cases = default_masked_cases(quick)
-    ok = True
-    out(f"masked_contrastive_loss: {len(cases)} cases on {device}, fp32 inputs, vs float64 "
-        f"reference (values and gradients, relative tolerance {FP32_TOLERANCE:g})")
-    out(f"{'backend':<10} {'cases':>6} {'max rel err':>12} {'worst case':<50} status")
+
+    def compare(name, case):
+        err, output = compare_masked_case(name, case, device=device)
+        return err, f" ({output})"
+
+    ok = _table(f"masked_contrastive_loss on {device}", backends, default_masked_cases(quick),
+                compare, out)
     if not backends:
         out(f"  (no masked_contrastive_loss backend available on {device})")
-    for name in backends:
-        worst, worst_case = 0.0, None
-        for case in cases:
-            try:
-                err, output = compare_masked_case(name, case, device=device)
-            except Exception as exc:  # report, do not hide: a crashing backend is a failure
-                worst, worst_case = float("inf"), f"{case} raised {type(exc).__name__}: {exc}"
-                break
-            if math.isnan(err):
-                worst, worst_case = float("inf"), f"{case} gave NaN ({output})"
-                break
-            if err > worst:
-                worst, worst_case = err, f"{case} ({output})"
-        passed = worst <= FP32_TOLERANCE
-        ok &= passed
-        label = (worst_case or "")[:50]
-        out(f"{name:<10} {len(cases):>6} {worst:>12.3e} {label:<50} {'ok' if passed else 'FAIL'}")
-        if not passed:
-            out(f"  {name}: worst case {worst_case}")
     return ok

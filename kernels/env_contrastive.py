@@ -70,14 +70,13 @@ heads of IP-IRM use D = 128).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import next_pow2
+from .utils import input_precisions, interpreter_env, next_pow2
 
 MAX_D = 256
 _LOG2E = 1.4426950408889634
@@ -342,19 +341,6 @@ def _autotuned(kernel, heavy: bool):
     return _tuned[kernel]
 
 
-@contextlib.contextmanager
-def _interpret_env():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
 def _launch(kernel, heavy: bool, n: int, *args, **kwargs):
     """Interpreter: the bare JIT function with the default config; GPU: the autotuner.
 
@@ -362,7 +348,7 @@ def _launch(kernel, heavy: bool, n: int, *args, **kwargs):
     """
     if INTERPRETED:
         grid = (triton.cdiv(n, INTERPRET_BLOCK),)
-        with _interpret_env():  # the interpreter's builtins check the variable at run time too
+        with interpreter_env():
             kernel[grid](*args, **kwargs, BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
     elif os.environ.get("FASTIPIRM_TRITON_AUTOTUNE", "1") == "0":
         cfg = _GPU_DEFAULT_HEAVY if heavy else _GPU_DEFAULT
@@ -373,20 +359,10 @@ def _launch(kernel, heavy: bool, n: int, *args, **kwargs):
         _autotuned(kernel, heavy)[grid](*args, **kwargs)
 
 
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """``(similarity GEMM, narrow fp32 dots)`` input precision."""
-    exact = torch.get_float32_matmul_precision() == "highest"
-    if dtype == torch.float32:
-        p = "ieee" if exact else "tf32"
-        return p, p
-    # half inputs: "tf32" is tl.dot's default input_precision, a no-op for fp16/bf16 operands
-    return "tf32", "tf32"
-
-
 def rowstats(feats, spos, w2, batch, t1, t2, two_t):
     """Row shift ``mrow`` (N,) and the row sums ``zn = E W2``, ``znt = E~ W2`` (N, M) (``znt is
     zn`` unless ``two_t``); all float32."""
-    prec = _precisions(feats.dtype)
+    prec = input_precisions(feats.dtype)
     n, d = feats.shape
     m = w2.shape[1]
     m_out = torch.empty(n, device=feats.device, dtype=torch.float32)
@@ -403,7 +379,7 @@ def rowstats(feats, spos, w2, batch, t1, t2, two_t):
 def band(feats, mrow, fac, nb_out, batch, t2, trans, nb):
     """``(nb_out, N, G)`` float32 band reductions of ``K~`` against the factors ``fac``: the
     column reductions (``trans``, forward) or the row reduction (backward)."""
-    prec = _precisions(feats.dtype)
+    prec = input_precisions(feats.dtype)
     n, d = feats.shape
     g = fac.shape[2]
     out = torch.empty(nb_out, n, g, device=feats.device, dtype=torch.float32)
@@ -418,7 +394,7 @@ def band(feats, mrow, fac, nb_out, batch, t2, trans, nb):
 def grad(feats, mrow, w2, gz1, gz2, rc, gacc, batch, t1, t2, two_t, need_gw):
     """``(dF (N, D), gW2 (N, M) or None)`` float32: the gradient kernel (``w2`` float32, the
     cotangents ``gz1, gz2`` with ``w2``'s strides)."""
-    prec = _precisions(feats.dtype)
+    prec = input_precisions(feats.dtype)
     n, d = feats.shape
     m = w2.shape[1]
     g = rc.shape[1]

@@ -60,8 +60,6 @@ their kernel (:func:`_device`), which makes an interpreted launch several times 
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,7 +68,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import next_pow2
+from .utils import input_precisions, interpreter_env, next_pow2
 
 DOT, SQEUCLIDEAN, L1, LP = 0, 1, 2, 3
 
@@ -178,6 +176,13 @@ def _shifted_exp(x, m, neg):
 
 
 @_device
+def _span(block, n, BLOCK: tl.constexpr):
+    """The indices ``block * BLOCK + [0, BLOCK)`` and which of them are below ``n``."""
+    idx = block * BLOCK + tl.arange(0, BLOCK)
+    return idx, idx < n
+
+
+@_device
 def _trip(CNT, pid, n, BLOCK: tl.constexpr, HAS_GROUPS: tl.constexpr):
     """Number of blocks of the other dimension this program visits (all, or its plan's)."""
     if HAS_GROUPS:
@@ -188,13 +193,32 @@ def _trip(CNT, pid, n, BLOCK: tl.constexpr, HAS_GROUPS: tl.constexpr):
 
 
 @_device
-def _block(LIST, pid, stride_list, t, HAS_GROUPS: tl.constexpr):
-    """The ``t``-th block of the other dimension this program visits."""
+def _visit(LIST, pid, stride_list, t, n, BLOCK: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """The indices (and mask, :func:`_span`) of the ``t``-th block of the other dimension this
+    program visits (the ``t``-th block, or its plan's ``t``-th entry)."""
     if HAS_GROUPS:
-        out = tl.load(LIST + pid * stride_list + t)
+        block = tl.load(LIST + pid * stride_list + t)
     else:
-        out = t
-    return out
+        block = t
+    return _span(block, n, BLOCK)
+
+
+@_device
+def _vectors(A, B, idx, mask, HAS_B: tl.constexpr):
+    """``(A[idx], B[idx])`` (0 outside ``mask``); ``B`` is not read without ``HAS_B`` (then
+    ``A[idx]`` stands in for it)."""
+    a = tl.load(A + idx, mask=mask, other=0.0)
+    b = a
+    if HAS_B:
+        b = tl.load(B + idx, mask=mask, other=0.0)
+    return a, b
+
+
+@_device
+def _count(VISITS, slot, visits, COUNT: tl.constexpr):
+    """``COUNT_TILES``: record how many blocks the program visited."""
+    if COUNT:
+        tl.store(VISITS + slot, visits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +235,7 @@ def _row_kernel(Q, K, W, GAMMA, M_IN, M_OUT, OUT, QG, KG, EX, CNT, LIST, VISITS,
     """MODE 0: rowstats (``M_IN`` = m0; writes ``M_OUT`` = m and ``OUT`` = z).
     MODE 1: rowsum (``M_IN`` = m; writes ``OUT`` = r)."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_q
+    rows, rmask = _span(pid, n_q, BLOCK_M)
     offs = tl.arange(0, BLOCK_D)
     dmask = offs < D
     qi = _tile(Q, rows, rmask, offs, dmask, stride_q)        # used when ONE_CHUNK
@@ -220,9 +243,7 @@ def _row_kernel(Q, K, W, GAMMA, M_IN, M_OUT, OUT, QG, KG, EX, CNT, LIST, VISITS,
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     visits = 0
     for t in range(0, _trip(CNT, pid, n_k, BLOCK_N, HAS_GROUPS)):
-        jb = _block(LIST, pid, stride_list, t, HAS_GROUPS)
-        cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < n_k
+        cols, cmask = _visit(LIST, pid, stride_list, t, n_k, BLOCK_N, HAS_GROUPS)
         kj = qi
         if ONE_CHUNK:
             kj = _tile(K, cols, cmask, offs, dmask, stride_k)
@@ -248,8 +269,7 @@ def _row_kernel(Q, K, W, GAMMA, M_IN, M_OUT, OUT, QG, KG, EX, CNT, LIST, VISITS,
     if MODE == 0:
         tl.store(M_OUT + rows, m_i, mask=rmask)
     tl.store(OUT + rows, acc, mask=rmask)
-    if COUNT:
-        tl.store(VISITS + pid, visits)
+    _count(VISITS, pid, visits, COUNT)
 
 
 @triton.jit
@@ -260,17 +280,14 @@ def _col_kernel(Q, K, MROW, RHO, SIGMA, OUT, QG, KG, EX, CNT, LIST, VISITS,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """colsum: ``OUT_j = sum_i e^{x_ij - m_i} (rho_i x_ij + sigma_i)``."""
     pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n_k
+    cols, cmask = _span(pid, n_k, BLOCK_N)
     offs = tl.arange(0, BLOCK_D)
     dmask = offs < D
     kj = _tile(K, cols, cmask, offs, dmask, stride_k)        # used when ONE_CHUNK
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     visits = 0
     for t in range(0, _trip(CNT, pid, n_q, BLOCK_M, HAS_GROUPS)):
-        ib = _block(LIST, pid, stride_list, t, HAS_GROUPS)
-        rows = ib * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < n_q
+        rows, rmask = _visit(LIST, pid, stride_list, t, n_q, BLOCK_M, HAS_GROUPS)
         qi = kj
         if ONE_CHUNK:
             qi = _tile(Q, rows, rmask, offs, dmask, stride_q)
@@ -284,8 +301,7 @@ def _col_kernel(Q, K, MROW, RHO, SIGMA, OUT, QG, KG, EX, CNT, LIST, VISITS,
         acc += tl.sum(e * (rho[:, None] * x + sig[:, None]), 0)
         visits += 1
     tl.store(OUT + cols, acc, mask=cmask)
-    if COUNT:
-        tl.store(VISITS + pid, visits)
+    _count(VISITS, pid, visits, COUNT)
 
 
 @_device
@@ -298,6 +314,45 @@ def _coef(x, neg, m_i, alpha, beta, w, gamma, inv_t, HAS_GAMMA: tl.constexpr):
     return _shifted_exp(x, m_i, neg & (w > 0)[None, :]) * w[None, :] * coef * inv_t
 
 
+@_device
+def _accumulate(acc, gsum, g, qi, kj, p, CODE: tl.constexpr, GPREC: tl.constexpr,
+                COLS: tl.constexpr):
+    """Add the tile's ``G`` terms to the feature chunk ``acc`` of the program's rows (``dq``) or,
+    ``COLS``, columns (``dk``): dot/sqeuclidean ``G K`` / ``G^T Q`` (sqeuclidean: ``gsum`` adds
+    the row / column sums of ``G``, :func:`_store_grad` subtracts them); l1/lp ``-/+`` the sum
+    over the other side of ``G_ij slope(q_i - k_j)``."""
+    if CODE < 2:
+        if COLS:
+            acc = tl.dot(tl.trans(g), qi.to(tl.float32), acc, input_precision=GPREC)
+            if CODE == 1:
+                gsum += tl.sum(g, 0)
+        else:
+            acc = tl.dot(g, kj.to(tl.float32), acc, input_precision=GPREC)
+            if CODE == 1:
+                gsum += tl.sum(g, 1)
+    else:
+        diff = qi.to(tl.float32)[:, None, :] - kj.to(tl.float32)[None, :, :]
+        terms = g[:, :, None] * _slope(diff, p, CODE)
+        if COLS:
+            acc += tl.sum(terms, 0)
+        else:
+            acc -= tl.sum(terms, 1)
+    return acc, gsum
+
+
+@_device
+def _store_grad(OUT, P, idx, imask, offs_o, omask, stride_out, stride_p, acc, gsum,
+                CODE: tl.constexpr):
+    """Store the program's chunk ``acc`` of the gradient of the features ``P`` (rows ``idx``);
+    sqeuclidean: ``2 (acc - gsum p)``, the chunk of ``P`` reloaded (not kept live through the
+    loop)."""
+    if CODE == 1:
+        own = _tile(P, idx, imask, offs_o, omask, stride_p).to(tl.float32)
+        acc = 2.0 * (acc - gsum[:, None] * own)
+    tl.store(OUT + idx[:, None] * stride_out + offs_o[None, :], acc,
+             mask=imask[:, None] & omask[None, :])
+
+
 @triton.jit
 def _dq_kernel(Q, K, W, GAMMA, MROW, ALPHA, BETA, DQ, QG, KG, EX, CNT, LIST, VISITS,
                n_q, n_k, D, stride_q, stride_k, stride_ex, stride_list, stride_dq,
@@ -308,48 +363,27 @@ def _dq_kernel(Q, K, W, GAMMA, MROW, ALPHA, BETA, DQ, QG, KG, EX, CNT, LIST, VIS
     """``DQ[rows, chunk] = sum_j G_ij ds_ij/dq_i`` for the feature chunk ``program_id(1)``."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_q
-    offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    omask = offs_o < D
+    rows, rmask = _span(pid, n_q, BLOCK_M)
+    offs_o, omask = _span(pid_d, D, BLOCK_D)
     qi = _tile(Q, rows, rmask, offs_o, omask, stride_q)       # the output chunk (the only one
                                                               # when ONE_CHUNK)
     m_i = tl.load(MROW + rows, mask=rmask, other=0.0)
-    alpha = tl.load(ALPHA + rows, mask=rmask, other=0.0)
-    beta = alpha
-    if HAS_GAMMA:
-        beta = tl.load(BETA + rows, mask=rmask, other=0.0)
+    alpha, beta = _vectors(ALPHA, BETA, rows, rmask, HAS_GAMMA)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     visits = 0
     for t in range(0, _trip(CNT, pid, n_k, BLOCK_N, HAS_GROUPS)):
-        jb = _block(LIST, pid, stride_list, t, HAS_GROUPS)
-        cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < n_k
+        cols, cmask = _visit(LIST, pid, stride_list, t, n_k, BLOCK_N, HAS_GROUPS)
         kj = _tile(K, cols, cmask, offs_o, omask, stride_k)
         x = _logits(Q, K, rows, cols, rmask, cmask, qi, kj, D, stride_q, stride_k, inv_t, p,
                     CODE, PREC, ONE_CHUNK, BLOCK_M, BLOCK_N, BLOCK_D)
         neg = _negatives(QG, KG, EX, rows, cols, rmask, cmask, stride_ex, HAS_GROUPS, N_EX)
-        w = tl.load(W + cols, mask=cmask, other=0.0)
-        gamma = w
-        if HAS_GAMMA:
-            gamma = tl.load(GAMMA + cols, mask=cmask, other=0.0)
+        w, gamma = _vectors(W, GAMMA, cols, cmask, HAS_GAMMA)
         g = _coef(x, neg, m_i, alpha, beta, w, gamma, inv_t, HAS_GAMMA)
-        if CODE < 2:
-            acc = tl.dot(g, kj.to(tl.float32), acc, input_precision=GPREC)
-            if CODE == 1:
-                gsum += tl.sum(g, 1)
-        else:
-            diff = qi.to(tl.float32)[:, None, :] - kj.to(tl.float32)[None, :, :]
-            acc -= tl.sum(g[:, :, None] * _slope(diff, p, CODE), 1)
+        acc, gsum = _accumulate(acc, gsum, g, qi, kj, p, CODE, GPREC, False)
         visits += 1
-    if CODE == 1:   # (reloaded: not kept live through the loop)
-        q_o = _tile(Q, rows, rmask, offs_o, omask, stride_q).to(tl.float32)
-        acc = 2.0 * (acc - gsum[:, None] * q_o)
-    tl.store(DQ + rows[:, None] * stride_dq + offs_o[None, :], acc,
-             mask=rmask[:, None] & omask[None, :])
-    if COUNT:
-        tl.store(VISITS + pid * tl.num_programs(1) + pid_d, visits)
+    _store_grad(DQ, Q, rows, rmask, offs_o, omask, stride_dq, stride_q, acc, gsum, CODE)
+    _count(VISITS, pid * tl.num_programs(1) + pid_d, visits, COUNT)
 
 
 @triton.jit
@@ -362,47 +396,26 @@ def _dk_kernel(Q, K, W, GAMMA, MROW, ALPHA, BETA, DK, QG, KG, EX, CNT, LIST, VIS
     """``DK[cols, chunk] = sum_i G_ij ds_ij/dk_j`` for the feature chunk ``program_id(1)``."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n_k
-    offs_o = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    omask = offs_o < D
+    cols, cmask = _span(pid, n_k, BLOCK_N)
+    offs_o, omask = _span(pid_d, D, BLOCK_D)
     kj = _tile(K, cols, cmask, offs_o, omask, stride_k)
-    w = tl.load(W + cols, mask=cmask, other=0.0)
-    gamma = w
-    if HAS_GAMMA:
-        gamma = tl.load(GAMMA + cols, mask=cmask, other=0.0)
+    w, gamma = _vectors(W, GAMMA, cols, cmask, HAS_GAMMA)
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     gsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     visits = 0
     for t in range(0, _trip(CNT, pid, n_q, BLOCK_M, HAS_GROUPS)):
-        ib = _block(LIST, pid, stride_list, t, HAS_GROUPS)
-        rows = ib * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < n_q
+        rows, rmask = _visit(LIST, pid, stride_list, t, n_q, BLOCK_M, HAS_GROUPS)
         qi = _tile(Q, rows, rmask, offs_o, omask, stride_q)
         x = _logits(Q, K, rows, cols, rmask, cmask, qi, kj, D, stride_q, stride_k, inv_t, p,
                     CODE, PREC, ONE_CHUNK, BLOCK_M, BLOCK_N, BLOCK_D)
         neg = _negatives(QG, KG, EX, rows, cols, rmask, cmask, stride_ex, HAS_GROUPS, N_EX)
         m_i = tl.load(MROW + rows, mask=rmask, other=0.0)
-        alpha = tl.load(ALPHA + rows, mask=rmask, other=0.0)
-        beta = alpha
-        if HAS_GAMMA:
-            beta = tl.load(BETA + rows, mask=rmask, other=0.0)
+        alpha, beta = _vectors(ALPHA, BETA, rows, rmask, HAS_GAMMA)
         g = _coef(x, neg, m_i, alpha, beta, w, gamma, inv_t, HAS_GAMMA)
-        if CODE < 2:
-            acc = tl.dot(tl.trans(g), qi.to(tl.float32), acc, input_precision=GPREC)
-            if CODE == 1:
-                gsum += tl.sum(g, 0)
-        else:
-            diff = qi.to(tl.float32)[:, None, :] - kj.to(tl.float32)[None, :, :]
-            acc += tl.sum(g[:, :, None] * _slope(diff, p, CODE), 0)
+        acc, gsum = _accumulate(acc, gsum, g, qi, kj, p, CODE, GPREC, True)
         visits += 1
-    if CODE == 1:   # (reloaded: not kept live through the loop)
-        k_o = _tile(K, cols, cmask, offs_o, omask, stride_k).to(tl.float32)
-        acc = 2.0 * (acc - gsum[:, None] * k_o)
-    tl.store(DK + cols[:, None] * stride_dk + offs_o[None, :], acc,
-             mask=cmask[:, None] & omask[None, :])
-    if COUNT:
-        tl.store(VISITS + pid * tl.num_programs(1) + pid_d, visits)
+    _store_grad(DK, K, cols, cmask, offs_o, omask, stride_dk, stride_k, acc, gsum, CODE)
+    _count(VISITS, pid * tl.num_programs(1) + pid_d, visits, COUNT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,29 +495,6 @@ class Problem:
     bwd: Tiling
 
 
-@contextlib.contextmanager
-def _interpret_env():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """``(similarity GEMM, fp32 gradient dots)`` input precision."""
-    exact = torch.get_float32_matmul_precision() == "highest"
-    if dtype == torch.float32:
-        p = "ieee" if exact else "tf32"
-        return p, p
-    # half inputs: "tf32" is tl.dot's default, a no-op for fp16/bf16 operands
-    return "tf32", "tf32"
-
-
 _VISITS = object()   # placeholder of the VISITS pointer in a launch's arguments
 
 
@@ -535,7 +525,7 @@ def _launch(name: str, kernel, q: Tensor, k: Tensor, prob: Problem, tiling: Tili
                   BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d)
     grid = (nb, n_dc) if n_dc > 1 else (nb,)
     if INTERPRETED:
-        with _interpret_env():  # the interpreter's builtins check the variable at run time too
+        with interpreter_env():
             kernel[grid](*args, **consts)
     else:
         with torch.cuda.device(q.device):
@@ -561,7 +551,7 @@ def _rows(mode, q, k, w, gamma, m_in, prob):
     out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
     _launch("rowstats" if mode == 0 else "rowsum", _row_kernel, q, k, prob, prob.fwd, False, 1,
             (q, k, w, gamma, m_in, m_out, out), (prob.inv_t, prob.p), MODE=mode,
-            PREC=_precisions(q.dtype)[0])
+            PREC=input_precisions(q.dtype)[0])
     return m_out, out
 
 
@@ -571,7 +561,7 @@ def colsum(q: Tensor, k: Tensor, m: Tensor, rho: Tensor, sigma: Tensor, prob: Pr
     negatives."""
     out = torch.empty(k.shape[0], dtype=torch.float32, device=q.device)
     _launch("colsum", _col_kernel, q, k, prob, prob.fwd, True, 1, (q, k, m, rho, sigma, out),
-            (prob.inv_t, prob.p), PREC=_precisions(q.dtype)[0])
+            (prob.inv_t, prob.p), PREC=input_precisions(q.dtype)[0])
     return out
 
 
@@ -581,7 +571,7 @@ def grad(q: Tensor, k: Tensor, w: Tensor, m: Tensor, alpha: Tensor, beta: Option
     gamma_j (1 + x_ij))`` (``gamma`` None: ``alpha_i`` only) on the negatives, ``inv_t``
     included: two launches (rows, then columns), no atomics."""
     dim = q.shape[1]
-    prec, gprec = _precisions(q.dtype)
+    prec, gprec = input_precisions(q.dtype)
     has_gamma = gamma is not None
     n_dc = triton.cdiv(dim, prob.bwd.blocks.block_d)
     vec = (w, gamma, m, alpha, beta if has_gamma else None)

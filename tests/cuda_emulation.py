@@ -15,9 +15,11 @@ headers of :data:`HEADERS` (``cuda_runtime.h``, ``cuda_fp16.h``, ``cuda_bf16.h``
   0), ``__float_to_tf32`` rounds to 10 mantissa bits.
 
 :func:`emulation_source` rewrites the two device-only constructs of a kernel file (the
-``extern __shared__`` declarations and the ``k<<<...>>>(`` launches), :func:`build_library`
-compiles it with a C harness into a ``ctypes`` library. The compile helpers (:func:`nvcc`,
-:func:`cuda_include`, :data:`NVCC_HALF_FLAGS`) serve the compile checks of the same tests. What
+``extern __shared__`` declarations and the ``k<<<...>>>(`` launches; the csrc/ headers it includes,
+such as csrc/cuda_common.cuh, must have neither and compile unchanged), :func:`build_library`
+compiles it with a C harness into a ``ctypes`` library. The compile checks of the same tests
+(:func:`nvcc_compile_check`, :func:`bindings_syntax_check`) share the helpers :func:`nvcc`,
+:func:`cuda_include` and :data:`NVCC_HALF_FLAGS`. What
 the emulation checks: indexing, masks, shifts, windows, splits and barriers (a missing barrier
 shows up as NaN reads of the poisoned shared memory or as a wrong value); what it does not
 check: the hardware's wmma fragment layouts, timing, races between warps of one block.
@@ -27,10 +29,13 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+
+from fastipirm.ops.build import CUDA_NVCC_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +63,46 @@ def cuda_include():
         if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
             return str(Path(c) / "include")
     return None
+
+
+def nvcc_compile_check(kernel_file: Path, out: Path, extra=()) -> None:
+    """``nvcc -c`` of a kernel translation unit (no torch headers in it) into ``out`` with the
+    extension's flags (sm_80 + sm_90 machine code, fastipirm/ops/build.py), torch's half-type
+    restrictions and ``extra``; any warning fails. Skips without nvcc."""
+    found = nvcc()
+    if found is None:
+        pytest.skip("nvcc is not on PATH")
+    cmd = [found, "-c", str(kernel_file), "-o", str(out), "-std=c++17", *CUDA_NVCC_FLAGS,
+           *NVCC_HALF_FLAGS, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
+    assert out.stat().st_size > 0
+
+
+def bindings_syntax_check(bindings: Path, own: str, warnings=("-Wall",)) -> None:
+    """``g++ -fsyntax-only`` of torch bindings against the installed torch's headers (schemas,
+    checks, guards, stream: catches C++ errors without a CUDA build of torch; linking needs
+    libc10_cuda, not attempted), with the warning flags ``warnings``: no warning may point into a
+    file whose name contains ``own``. Skips without g++, the CUDA toolkit headers or torch's
+    c10/cuda headers."""
+    from torch.utils.cpp_extension import include_paths
+    cxx = shutil.which("g++") or shutil.which("c++")
+    cuda_inc = cuda_include()
+    if cxx is None or cuda_inc is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers (cuda_runtime_api.h)")
+    tinc = include_paths()
+    if not any((Path(p) / "c10" / "cuda" / "CUDAGuard.h").exists() for p in tinc):
+        pytest.skip("this torch installation ships no c10/cuda headers")
+    # a CPU build of torch lacks the generated c10/cuda/impl/cuda_cmake_macros.h (it only defines
+    # the shared-library export switch, irrelevant to a syntax check)
+    cmd = [cxx, "-fsyntax-only", "-std=c++20", *warnings, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+           "-DTORCH_EXTENSION_NAME=_cuda", *[f"-I{p}" for p in tinc], f"-I{cuda_inc}",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}", str(bindings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mine = [ln for ln in proc.stderr.splitlines() if own in ln and "warning" in ln]
+    assert not mine, "\n".join(mine)
 
 
 def ptr(t):
@@ -206,8 +251,17 @@ def emulation_source(kernel_file: Path, decls: int, launches: int, owner: str) -
     """The kernel file with its two device-only constructs rewritten for the host emulation: each
     of the ``decls`` declarations ``extern __shared__ __align__(128) unsigned char smem[];`` and
     each of the ``launches`` launches ``k<<<...>>>(`` (``<<<...>>>(`` on one line). A different
-    count fails the test: update ``owner`` (the test file) with the kernel file."""
+    count fails the test: update ``owner`` (the test file) with the kernel file. The headers it
+    includes by ``#include "..."`` (csrc/cuda_common.cuh) are compiled as they are (found through
+    ``-I csrc``), so they must have neither construct (outside comments); one that has fails."""
     src = kernel_file.read_text()
+    for name in re.findall(r'^#include "([^"]+)"', src, flags=re.M):
+        header = kernel_file.parent / name
+        code = re.sub(r"//[^\n]*|/\*.*?\*/", "", header.read_text(), flags=re.S) \
+            if header.exists() else ""
+        if "extern __shared__" in code or "<<<" in code:
+            pytest.fail(f"{header} (included by {kernel_file.name}) declares shared memory or "
+                        "launches a kernel: the emulation rewrites those in kernel files only")
     decl = "extern __shared__ __align__(128) unsigned char smem[];"
     if src.count(decl) != decls:
         pytest.fail(f"the emulation expects the {decls} kernels to declare `{decl}`; update "

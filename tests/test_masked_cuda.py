@@ -23,77 +23,55 @@ Layers, so that a machine without a GPU checks what it can:
   fp16 / bf16 against the float64 torch kernel set, TF32, split vs unsplit, determinism, the
   ops' argument checks, a fullgraph-compiled training step.
 
-Fresh random inputs every run; a failing case prints its seed (replay with
-``FASTIPIRM_TEST_SEED=<seed>``).
+The cases, their inputs, upstream gradients, outputs and errors are those of fastipirm/check.py
+(:class:`MaskedCase` with ``reduction="none"``: every row's loss is checked). Fresh random inputs
+every run; a failing case prints its seed (replay with ``FASTIPIRM_TEST_SEED=<seed>``).
 """
 import ctypes
-import shutil
-import subprocess
 import sys
-import sysconfig
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
-from cuda_emulation import FEAT_TYPE, NVCC_HALF_FLAGS, build_library, cuda_include, \
-    emulation_source, nvcc, ptr
+from cuda_emulation import FEAT_TYPE, bindings_syntax_check, build_library, emulation_source, \
+    nvcc_compile_check, ptr
 
-from fastipirm.check import GRADIENT_FLOOR, VALUE_FLOOR, relative_error
-from fastipirm.ops import masked_backends, masked_contrastive_loss, \
-    masked_contrastive_loss_reference
+from fastipirm.check import (FP32_TOLERANCE, MASKED_WEIGHTS, MaskedCase, make_masked_inputs,
+                             masked_backend_outputs, masked_errors, masked_outputs_and_grads,
+                             masked_reference_outputs, masked_upstream)
+from fastipirm.ops import masked_backends, masked_contrastive_loss
 from fastipirm.ops import masked_cuda as MC
 from fastipirm.ops.backends import MASKED, Backend
-from fastipirm.ops.build import CUDA_EXTENSION, CUDA_NVCC_FLAGS
+from fastipirm.ops.build import CUDA_EXTENSION
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS_CU = ROOT / "csrc" / "masked_contrastive_cuda_kernels.cu"
 BINDINGS_CPP = ROOT / "csrc" / "masked_contrastive_cuda.cpp"
-FP32_TOL = 1e-4
+FP32_TOL = FP32_TOLERANCE
+#: the cases of this file: per-row losses (reduction "none")
+M = partial(MaskedCase, reduction="none")
 
 
 # ------------------------------------------------------------------ compile checks (no GPU)
 def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
     """``nvcc -c`` with the extension's flags (sm_80 + sm_90 machine code) and torch's half-type
     restrictions; any warning fails, and ptxas warns about register spills and local memory."""
-    found = nvcc()
-    if found is None:
-        pytest.skip("nvcc is not on PATH")
-    out = tmp_path / "masked.o"
-    cmd = [found, "-c", str(KERNELS_CU), "-o", str(out), "-std=c++17", *CUDA_NVCC_FLAGS,
-           *NVCC_HALF_FLAGS, "-Xptxas=-warn-spills,-warn-lmem-usage"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
-    assert out.stat().st_size > 0
+    nvcc_compile_check(KERNELS_CU, tmp_path / "masked.o", ["-Xptxas=-warn-spills,-warn-lmem-usage"])
 
 
 def test_bindings_syntax_against_torch_headers():
     """``g++ -fsyntax-only`` of the bindings (schemas, checks, guards, stream): linking needs a
     CUDA build of torch, not attempted. No warning may point into the bindings or the header."""
-    from torch.utils.cpp_extension import include_paths
-    cxx = shutil.which("g++")
-    cuda_inc = cuda_include()
-    if cxx is None or cuda_inc is None:
-        pytest.skip("needs g++ and the CUDA toolkit headers (cuda_runtime_api.h)")
-    tinc = include_paths()
-    if not any((Path(p) / "c10" / "cuda" / "CUDAGuard.h").exists() for p in tinc):
-        pytest.skip("this torch installation ships no c10/cuda headers")
-    cmd = [cxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra",
-           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_cuda",
-           *[f"-I{p}" for p in tinc], f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}",
-           f"-I{ROOT / 'csrc'}", str(BINDINGS_CPP)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    own = [ln for ln in proc.stderr.splitlines()
-           if "masked_contrastive_cuda" in ln and ("warning" in ln or "error" in ln)]
-    assert not own, "\n".join(own)
+    bindings_syntax_check(BINDINGS_CPP, "masked_contrastive_cuda", ("-Wall", "-Wextra"))
 
 
 def test_extension_lists_the_masked_sources():
     for src in ("csrc/masked_contrastive_cuda.cpp", "csrc/masked_contrastive_cuda_kernels.cu"):
         assert src in CUDA_EXTENSION.sources and (ROOT / src).exists()
+    # the device helpers both kernel files include
+    assert "csrc/cuda_common.cuh" in CUDA_EXTENSION.depends
+    assert (ROOT / "csrc" / "cuda_common.cuh").exists()
     # the bindings add no second module definition to the extension
     assert "PYBIND11_MODULE" not in BINDINGS_CPP.read_text()
 
@@ -132,9 +110,9 @@ _OPS = {"rowstats": 0, "colsum": 1, "rowsum": 2, "grad": 3}
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    # 2 kernel templates declare shared memory; 6 launches: group ranges, reduce + its 2 merges,
-    # grad + its merge
-    src = emulation_source(KERNELS_CU, 2, 6, "tests/test_masked_cuda.py")
+    # 2 kernel templates declare shared memory; 5 launches: group ranges, reduce, grad, the
+    # rowstats merge and the sum merge (of the other reductions and of grad)
+    src = emulation_source(KERNELS_CU, 2, 5, "tests/test_masked_cuda.py")
     lib = build_library(tmp_path_factory.mktemp("masked_cuda_emu"), src, _HARNESS)
     lib.emu_work.restype = ctypes.c_size_t
     return lib
@@ -228,170 +206,23 @@ def emulated(emu_lib, monkeypatch):
     return _KERNELS
 
 
-@dataclass(frozen=True)
-class Case:
-    """One call. ``n_k`` None: keys=None. ``targets`` 0: separate positives, else that many
-    positive columns (``repeat``: every other row repeats its first column last). ``groups``:
-    "" | "sorted" | "random" | "single" (one query alone in its group) | "empty" (keys given:
-    one query's group has no key). ``scale`` multiplies the features (similarities of order
-    ``scale ** 2``)."""
-
-    n_q: int
-    dim: int
-    similarity: str = "dot"
-    p: Optional[float] = None
-    n_k: Optional[int] = None
-    targets: int = 0
-    repeat: bool = False
-    include_self: bool = False
-    self_index: bool = False
-    groups: str = ""
-    key_weights: bool = False
-    key_penalty: bool = False
-    temperature: float = 0.5
-    scale: float = 1.0
-
-    def __str__(self):
-        sim = f"lp{self.p:g}" if self.similarity == "lp" else self.similarity
-        out = [f"q{self.n_q}" + ("" if self.n_k is None else f"k{self.n_k}"), f"d{self.dim}",
-               sim, f"t{self.temperature:g}",
-               "pos" if not self.targets else f"T{self.targets}" + "r" * self.repeat]
-        for name in ("include_self", "self_index", "key_weights", "key_penalty"):
-            if getattr(self, name):
-                out.append(name)
-        if self.groups:
-            out.append(f"groups={self.groups}")
-        if self.scale != 1.0:
-            out.append(f"scale={self.scale:g}")
-        return " ".join(out)
-
-    def kwargs(self):
-        return dict(similarity=self.similarity, p=self.p, temperature=self.temperature,
-                    include_self=self.include_self, key_penalty=self.key_penalty,
-                    reduction="none")
+def backend(name, **extra):
+    """The public op on backend ``name`` (``extra``: more keyword arguments)."""
+    return lambda **kw: masked_contrastive_loss(**kw, backend=name, **extra)
 
 
-def _ids(kind, n):
-    if kind == "sorted":
-        return torch.randint(0, 4, (n,)).sort().values * 3 - 2
-    ids = torch.randint(0, 3, (n,)) * 5 + 1
-    if kind == "single":
-        ids[int(torch.randint(0, n, (1,)))] = 99
-    return ids
-
-
-def make_inputs(case: Case) -> dict:
-    """float64 CPU inputs ``{argument: tensor}`` of the public op."""
-    n_q, d = case.n_q, case.dim
-    n_k = n_q if case.n_k is None else case.n_k
-    exponent = {"dot": 2.0, "sqeuclidean": 2.0, "l1": 1.0}.get(case.similarity, case.p)
-
-    def feats(n):
-        x = torch.randn(n, d, dtype=torch.float64)
-        if case.similarity == "dot":
-            return torch.nn.functional.normalize(x, dim=1) * case.scale
-        return x * d ** (-1.0 / exponent) * case.scale
-
-    q = feats(n_q)
-    out = {"queries": q}
-    if case.n_k is not None:
-        out["keys"] = feats(n_k)
-    if not case.targets:
-        pos = q + 0.5 * feats(n_q)
-        if case.similarity == "dot":
-            pos = torch.nn.functional.normalize(pos, dim=1) * case.scale
-        out["positives"] = pos
-    own = torch.arange(n_q) if case.n_k is None else None
-    if case.self_index:
-        own = out["self_index"] = torch.randperm(n_k)[:n_q]
-    qg = kg = None
-    if case.groups:
-        if case.n_k is None:
-            qg = kg = out["query_groups"] = _ids(case.groups, n_q)
-        else:
-            kg = _ids(case.groups, n_k)
-            qg = kg[own] if own is not None else kg[torch.randint(0, n_k, (n_q,))]
-            if case.groups == "empty":
-                qg = qg.clone()
-                qg[n_q // 2] = 1000           # no key has this group
-            out["query_groups"], out["key_groups"] = qg, kg
-    if case.targets:
-        idx = torch.empty(n_q, case.targets, dtype=torch.long)
-        cols = torch.arange(n_k)
-        for i in range(n_q):
-            ok = torch.ones(n_k, dtype=torch.bool)
-            if kg is not None:
-                ok &= kg == qg[i]
-            if own is not None and not case.include_self:
-                ok &= cols != own[i]
-            cand = cols[ok][torch.randperm(int(ok.sum()))]
-            idx[i] = cand[torch.arange(case.targets) % cand.numel()]
-            if case.repeat and i % 2 == 0:
-                idx[i, -1] = idx[i, 0]
-        out["positive_index"] = idx
-        if case.targets > 1:
-            tw = torch.rand(n_q, case.targets, dtype=torch.float64) + 0.05
-            out["positive_weight"] = tw / tw.sum(1, keepdim=True)
-    if case.key_weights:
-        out["key_weights"] = 0.2 + 0.8 * torch.rand(n_k, dtype=torch.float64)
-    return out
-
-
-_LEAVES = ("queries", "keys", "positives", "key_weights")
-_WEIGHTS = ("positive_weight", "key_weights")
-
-
-def outputs(fn, inputs: dict, case: Case, up, dtype, **extra) -> dict:
-    """Losses, key_grads and the gradients of ``sum(up[0] * losses) + sum(up[1] * key_grads)``
-    w.r.t. the features and key weights, of ``fn(**inputs, **extra)`` on copies of ``inputs``
-    (features in ``dtype``, weights float64 for float64 features, else float32)."""
-    wdt = torch.float64 if dtype == torch.float64 else torch.float32
-    args, leaves = {}, {}
-    for name, t in inputs.items():
-        if t.is_floating_point():
-            t = t.detach().to(wdt if name in _WEIGHTS else dtype)
-        if name in _LEAVES:
-            t = leaves[name] = t.clone().requires_grad_()
-        args[name] = t
-    out = fn(**args, **case.kwargs(), **extra)
-    losses, key_grads = out if case.key_penalty else (out, None)
-    total = (losses * up[0].to(losses.dtype)).sum()
-    if key_grads is not None:
-        total = total + (key_grads * up[1].to(key_grads.dtype)).sum()
-    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-    res = {"loss": losses.detach()}
-    if key_grads is not None:
-        res["key_grads"] = key_grads.detach()
-    for (name, leaf), g in zip(leaves.items(), grads):
-        res[f"d {name}"] = torch.zeros_like(leaf) if g is None else g.detach()
-    return res
-
-
-def errors(got: dict, want: dict) -> dict:
-    assert set(got) == set(want)
-    return {n: relative_error(got[n], want[n],
-                              VALUE_FLOOR if n in ("loss", "key_grads") else GRADIENT_FLOOR)
-            for n in want}
-
-
-def reference(inputs, case, up):
-    return outputs(masked_contrastive_loss_reference, inputs, case, [u.double() for u in up],
-                   torch.float64)
-
-
-def backend(name):
-    return lambda **kw: masked_contrastive_loss(**kw, backend=name)
-
-
-def upstream(case):
-    n_k = case.n_q if case.n_k is None else case.n_k
-    return torch.randn(case.n_q), torch.randn(n_k)
+def rounded(inputs: dict, dtype) -> dict:
+    """``inputs`` with the features rounded to ``dtype`` (and back to float64; weights as they
+    are)."""
+    return {n: t.to(dtype).double()
+            if t is not None and n not in MASKED_WEIGHTS and t.is_floating_point() else t
+            for n, t in inputs.items()}
 
 
 def assert_close(got, want, tol, what):
     for name, t in got.items():
         assert torch.isfinite(t).all(), f"{name} not finite ({what})"
-    errs = errors(got, want)
+    errs = masked_errors(got, want)
     bad = {n: e for n, e in errs.items() if not e < tol}
     assert not bad, f"relative errors {bad} > {tol:g} ({what})"
 
@@ -401,25 +232,25 @@ def assert_close(got, want, tol, what):
 # groups), key_penalty, key_weights, 64-row blocks cut (70 = 64 + 6, 130 = 2 x 64 + 2), D = 128
 # and D = 130 (two gradient windows, D not a multiple of 32), CL-ICA's D = 5-10
 EMU_FP32 = [
-    Case(70, 16, "dot", groups="random", key_penalty=True),
-    Case(37, 10, "sqeuclidean", n_k=130, targets=2, repeat=True, key_weights=True,
-         key_penalty=True),
-    Case(70, 5, "l1", include_self=True, temperature=0.2),
-    Case(70, 7, "lp", p=3.0, n_k=150, targets=1, self_index=True, groups="sorted",
-         key_penalty=True),
-    Case(20, 130, "dot", n_k=33, targets=1, key_penalty=True, key_weights=True),
-    Case(33, 128, "l1", n_k=40, targets=2, key_penalty=True),
-    Case(40, 9, "lp", p=1.5, include_self=True, groups="single", key_penalty=True),
-    Case(30, 8, "sqeuclidean", n_k=70, groups="empty", key_penalty=True, temperature=0.3),
+    M(70, 16, "dot", groups="random", key_penalty=True),
+    M(37, 10, "sqeuclidean", n_k=130, targets=2, repeat=True, key_weights="rand",
+      key_penalty=True),
+    M(70, 5, "l1", include_self=True, temperature=0.2),
+    M(70, 7, "lp", p=3.0, n_k=150, targets=1, self_index=True, groups="sorted",
+      key_penalty=True),
+    M(20, 130, "dot", n_k=33, targets=1, key_penalty=True, key_weights="rand"),
+    M(33, 128, "l1", n_k=40, targets=2, key_penalty=True),
+    M(40, 9, "lp", p=1.5, include_self=True, groups="single", key_penalty=True),
+    M(30, 8, "sqeuclidean", n_k=70, groups="empty", key_penalty=True, temperature=0.3),
 ]
 
 
 @pytest.mark.parametrize("case", EMU_FP32, ids=str)
 def test_emulated_fp32_against_float64_reference(emulated, case, seed):
-    inputs = make_inputs(case)
-    up = upstream(case)
-    want = reference(inputs, case, up)
-    got = outputs(backend("cuda_emulated"), inputs, case, up, torch.float32)
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    want = masked_reference_outputs(inputs, case, up)
+    got = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32)
     assert got["loss"].dtype == torch.float32
     assert_close(got, want, FP32_TOL, f"{case}, seed {seed}")
 
@@ -440,30 +271,30 @@ def test_emulated_zero_weight_key_sets_no_row_shift(emulated):
 
 
 @pytest.mark.parametrize("case", [
-    Case(37, 8, "sqeuclidean", include_self=True, temperature=0.005, key_penalty=True),
-    Case(30, 6, "l1", n_k=20, targets=2, temperature=0.005, key_penalty=True),
+    M(37, 8, "sqeuclidean", include_self=True, temperature=0.005, key_penalty=True),
+    M(30, 6, "l1", n_k=20, targets=2, temperature=0.005, key_penalty=True),
 ], ids=str)
 def test_emulated_extreme_temperature_is_finite_and_accurate(emulated, case, seed):
     """tau = 0.005 with distances of order one: logits of a few hundred; every output finite and
     within float32 accuracy of the reference (relative to the outputs' magnitudes)."""
-    inputs = make_inputs(case)
-    up = upstream(case)
-    want = reference(inputs, case, up)
-    got = outputs(backend("cuda_emulated"), inputs, case, up, torch.float32)
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    want = masked_reference_outputs(inputs, case, up)
+    got = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32)
     assert_close(got, want, 1e-3, f"{case}, seed {seed}")
 
 
 def test_emulated_split_stream_side_matches_unsplit(emulated, seed):
     """One own block against 4 stream tiles (and back): target 1 (no split), 3 and 64 blocks
     (partials merged by the second kernels, rowstats by the online-max merge) agree."""
-    case = Case(50, 12, "dot", n_k=250, targets=1, groups="random", key_penalty=True)
-    inputs = make_inputs(case)
-    up = upstream(case)
-    want = reference(inputs, case, up)
+    case = M(50, 12, "dot", n_k=250, targets=1, groups="random", key_penalty=True)
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    want = masked_reference_outputs(inputs, case, up)
     runs = []
     for target in (1, 3, 64):
         emulated.target_blocks = target
-        runs.append(outputs(backend("cuda_emulated"), inputs, case, up, torch.float32))
+        runs.append(masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32))
         assert_close(runs[-1], want, FP32_TOL, f"{case}, target {target}, seed {seed}")
     for other in runs[1:]:
         assert_close(other, runs[0], 2e-6, f"split vs unsplit, seed {seed}")
@@ -472,35 +303,33 @@ def test_emulated_split_stream_side_matches_unsplit(emulated, seed):
 @pytest.mark.parametrize("dtype,floor", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)],
                          ids=str)
 @pytest.mark.parametrize("case", [
-    Case(70, 40, "dot", n_k=90, targets=2, repeat=True, key_penalty=True, groups="random"),
-    Case(45, 24, "sqeuclidean", include_self=True, key_penalty=True, key_weights=True),
+    M(70, 40, "dot", n_k=90, targets=2, repeat=True, key_penalty=True, groups="random"),
+    M(45, 24, "sqeuclidean", include_self=True, key_penalty=True, key_weights="rand"),
 ], ids=str)
 def test_emulated_half_within_twice_torch_error(emulated, case, dtype, floor, seed):
     """Tensor-core tiles (the wmma stand-in): the error against the float64 truth is at most
     twice that of the torch kernel set fed the same rounded inputs, plus ``floor``."""
-    inputs = make_inputs(case)
-    up = upstream(case)
-    rounded = {n: t.to(dtype).double() if n not in _WEIGHTS and t.is_floating_point() else t
-               for n, t in inputs.items()}
-    truth = reference(rounded, case, up)
-    base = errors(outputs(backend("torch"), inputs, case, up, dtype), truth)
-    got = outputs(backend("cuda_emulated"), inputs, case, up, dtype)
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    truth = masked_reference_outputs(rounded(inputs, dtype), case, up)
+    base = masked_errors(masked_backend_outputs("torch", inputs, case, up, dtype), truth)
+    got = masked_backend_outputs("cuda_emulated", inputs, case, up, dtype)
     assert got["loss"].dtype == torch.float32 and got["d queries"].dtype == dtype
-    for name, err in errors(got, truth).items():
+    for name, err in masked_errors(got, truth).items():
         assert torch.isfinite(got[name]).all(), name
         assert err <= 2 * base[name] + floor, f"{name}: {err:.3e} vs torch {base[name]:.3e} " \
                                               f"({case}, {dtype}, seed {seed})"
 
 
 def test_emulated_tf32_when_matmul_precision_allows(emulated, seed):
-    case = Case(70, 40, "sqeuclidean", n_k=80, targets=1, key_penalty=True)
-    inputs = make_inputs(case)
-    up = upstream(case)
-    want = reference(inputs, case, up)
+    case = M(70, 40, "sqeuclidean", n_k=80, targets=1, key_penalty=True)
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    want = masked_reference_outputs(inputs, case, up)
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        got = outputs(backend("cuda_emulated"), inputs, case, up, torch.float32)
+        got = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32)
     finally:
         torch.set_float32_matmul_precision(saved)
     assert_close(got, want, 5e-3, f"{case}, seed {seed}")
@@ -508,34 +337,35 @@ def test_emulated_tf32_when_matmul_precision_allows(emulated, seed):
 
 def test_emulated_deterministic_and_float64_inputs(emulated, seed):
     """Two runs are bitwise equal; float64 inputs run in float32 and come back as float64."""
-    case = Case(40, 6, "lp", p=2.5, n_k=70, targets=2, key_penalty=True, groups="sorted")
-    inputs = make_inputs(case)
-    up = upstream(case)
-    a = outputs(backend("cuda_emulated"), inputs, case, up, torch.float32)
-    b = outputs(backend("cuda_emulated"), inputs, case, up, torch.float32)
+    case = M(40, 6, "lp", p=2.5, n_k=70, targets=2, key_penalty=True, groups="sorted")
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    a = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32)
+    b = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    got = outputs(backend("cuda_emulated"), inputs, case, up, torch.float64)
+    got = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float64)
     assert all(t.dtype == torch.float64 for t in got.values())
-    assert_close(got, reference(inputs, case, up), FP32_TOL, f"float64, seed {seed}")
+    assert_close(got, masked_reference_outputs(inputs, case, up), FP32_TOL,
+                 f"float64, seed {seed}")
 
 
 def test_emulated_tiles_skip_groups_that_cannot_meet(emulated, seed):
     """Keys 64..127 are in a group no query has, and their features are NaN: a kernel that visited
     their tile would turn the gradients NaN (0 * NaN in the products); skipped, every output is
     the reference's (computed with finite features there, which no output depends on)."""
-    case = Case(70, 16, "dot", n_k=150, targets=1, key_penalty=True)
-    inputs = make_inputs(case)
+    case = M(70, 16, "dot", n_k=150, targets=1, key_penalty=True)
+    inputs = make_masked_inputs(case)
     kg = torch.zeros(150, dtype=torch.long)
     kg[64:128] = 5
     inputs["query_groups"], inputs["key_groups"] = torch.zeros(70, dtype=torch.long), kg
     inputs["positive_index"] = torch.cat([torch.arange(64), torch.arange(128, 150)])[
         torch.randint(0, 86, (70, 1))]
-    up = upstream(case)
-    want = reference(inputs, case, up)
+    up = masked_upstream(case)
+    want = masked_reference_outputs(inputs, case, up)
     poisoned = dict(inputs, keys=inputs["keys"].clone())
     poisoned["keys"][64:128] = float("nan")
-    got = outputs(backend("cuda_emulated"), poisoned, case, up, torch.float32,
-                  check_values=False)
+    got = masked_outputs_and_grads(backend("cuda_emulated", check_values=False), poisoned, case,
+                                   up, torch.float32)
     assert_close(got, want, FP32_TOL, f"seed {seed}")
 
 
@@ -555,12 +385,10 @@ def test_registry_lists_the_cuda_kernel_set():
 
 
 def test_kernels_say_why_they_cannot_run(monkeypatch):
+    """The check shared with the env op's backend (``cuda_backend.require_cuda``; its no-device
+    case: tests/test_cuda_backend.py), naming the kernel set."""
     monkeypatch.setattr(torch.version, "cuda", None)
-    with pytest.raises(ImportError, match="build without CUDA"):
-        MC.kernels()
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(ImportError, match="build without CUDA; the cuda kernel set needs"):
         MC.kernels()
 
 
@@ -611,21 +439,21 @@ def _cuda_or_skip():
         pytest.skip(f"cuda kernel set unavailable: {MASKED.backends['cuda'].error}")
 
 
-def _on(inputs, device):
-    return {n: t.to(device) for n, t in inputs.items()}
-
+#: on CUDA: the inputs and upstream gradients (drawn on the CPU) move to the GPU
+on_gpu = partial(masked_backend_outputs, device="cuda")
 
 GPU_CASES = [
-    Case(1000, 128, "dot", n_k=3000, targets=2, repeat=True, key_penalty=True, groups="sorted",
-         temperature=0.1),
-    Case(4096, 128, "dot", include_self=True, key_penalty=True, temperature=0.2),
-    Case(777, 10, "sqeuclidean", include_self=True, key_penalty=True, key_weights=True),
-    Case(2000, 10, "l1", include_self=True, temperature=0.2),
-    Case(513, 7, "lp", p=3.0, n_k=1500, targets=1, self_index=True, groups="random",
-         key_penalty=True),
-    Case(300, 300, "sqeuclidean", n_k=700, targets=1, key_penalty=True, groups="empty"),
-    Case(256, 128, "l1", n_k=4096, targets=1, key_penalty=True),
-    Case(1024, 8, "sqeuclidean", include_self=True, temperature=0.005, key_penalty=True),
+    M(1000, 128, "dot", n_k=3000, targets=2, repeat=True, key_penalty=True, groups="sorted",
+      temperature=0.1),
+    M(4096, 128, "dot", include_self=True, key_penalty=True, temperature=0.2),
+    M(777, 10, "sqeuclidean", include_self=True, key_penalty=True, key_weights="rand"),
+    M(2000, 10, "l1", include_self=True, temperature=0.2),
+    M(513, 7, "lp", p=3.0, n_k=1500, targets=1, self_index=True, groups="random",
+      key_penalty=True),
+    # separate positives: the query whose group has no key has no positive column either
+    M(300, 300, "sqeuclidean", n_k=700, key_penalty=True, groups="empty"),
+    M(256, 128, "l1", n_k=4096, targets=1, key_penalty=True),
+    M(1024, 8, "sqeuclidean", include_self=True, temperature=0.005, key_penalty=True),
 ]
 
 
@@ -638,20 +466,18 @@ def test_gpu_against_float64_torch_kernel_set(case, dtype, floor, seed):
     (exact FMA tiles): relative error < 1e-4 (1e-3 at tau = 0.005); fp16/bf16: at most twice the
     error of the torch kernel set in ``dtype`` + floor."""
     _cuda_or_skip()
-    inputs = _on(make_inputs(case), "cuda")
-    up = [u.cuda() for u in upstream(case)]
-    rounded = {n: t.to(dtype).double() if n not in _WEIGHTS and t.is_floating_point() else t
-               for n, t in inputs.items()}
-    truth = outputs(backend("torch"), rounded, case, [u.double() for u in up], torch.float64)
-    got = outputs(backend("cuda"), inputs, case, up, dtype)
-    errs = errors(got, truth)
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    truth = on_gpu("torch", rounded(inputs, dtype), case, up, torch.float64)
+    got = on_gpu("cuda", inputs, case, up, dtype)
+    errs = masked_errors(got, truth)
     print(f"[gpu max error] cuda masked {dtype} {case}: "
           + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
     if dtype == torch.float32:
         assert_close(got, truth, 1e-3 if case.temperature < 0.01 else FP32_TOL,
                      f"{case}, seed {seed}")
     else:
-        base = errors(outputs(backend("torch"), inputs, case, up, dtype), truth)
+        base = masked_errors(on_gpu("torch", inputs, case, up, dtype), truth)
         for name, err in errs.items():
             assert torch.isfinite(got[name]).all(), name
             assert err <= 2 * base[name] + floor, f"{name}: {err:.3e} vs {base[name]:.3e}"
@@ -660,13 +486,12 @@ def test_gpu_against_float64_torch_kernel_set(case, dtype, floor, seed):
 @pytest.mark.gpu
 def test_gpu_against_literal_reference(seed):
     _cuda_or_skip()
-    case = Case(70, 16, "lp", p=1.5, n_k=130, targets=2, repeat=True, key_penalty=True,
-                key_weights=True, groups="random")
-    inputs = make_inputs(case)
-    up = upstream(case)
-    want = reference(inputs, case, up)
-    got = outputs(backend("cuda"), _on(inputs, "cuda"), case, [u.cuda() for u in up],
-                  torch.float32)
+    case = M(70, 16, "lp", p=1.5, n_k=130, targets=2, repeat=True, key_penalty=True,
+             key_weights="rand", groups="random")
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    want = masked_reference_outputs(inputs, case, up)
+    got = on_gpu("cuda", inputs, case, up, torch.float32)
     assert_close({n: t.cpu() for n, t in got.items()}, want, FP32_TOL, f"seed {seed}")
 
 
@@ -676,27 +501,27 @@ def test_gpu_tf32_split_and_determinism(seed):
     two runs are bitwise equal (fp32 and bf16)."""
     _cuda_or_skip()
     kern = MASKED.backends["cuda"].load().kernels
-    case = Case(256, 128, "dot", n_k=4096, targets=1, key_penalty=True, groups="random")
-    inputs = _on(make_inputs(case), "cuda")
-    up = [u.cuda() for u in upstream(case)]
-    truth = outputs(backend("torch"), inputs, case, [u.double() for u in up], torch.float64)
+    case = M(256, 128, "dot", n_k=4096, targets=1, key_penalty=True, groups="random")
+    inputs = make_masked_inputs(case)
+    up = masked_upstream(case)
+    truth = on_gpu("torch", inputs, case, up, torch.float64)
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        assert_close(outputs(backend("cuda"), inputs, case, up, torch.float32), truth, 5e-3,
+        assert_close(on_gpu("cuda", inputs, case, up, torch.float32), truth, 5e-3,
                      f"tf32, seed {seed}")
     finally:
         torch.set_float32_matmul_precision(saved)
-    default = outputs(backend("cuda"), inputs, case, up, torch.float32)
+    default = on_gpu("cuda", inputs, case, up, torch.float32)
     try:
         kern.target_blocks = 1
-        unsplit = outputs(backend("cuda"), inputs, case, up, torch.float32)
+        unsplit = on_gpu("cuda", inputs, case, up, torch.float32)
     finally:
         kern.target_blocks = 0
     assert_close(unsplit, default, 1e-5, f"split, seed {seed}")
     for dtype in (torch.float32, torch.bfloat16):
-        a = outputs(backend("cuda"), inputs, case, up, dtype)
-        b = outputs(backend("cuda"), inputs, case, up, dtype)
+        a = on_gpu("cuda", inputs, case, up, dtype)
+        b = on_gpu("cuda", inputs, case, up, dtype)
         assert all(torch.equal(a[n], b[n]) for n in a), dtype
 
 

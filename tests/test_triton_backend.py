@@ -15,48 +15,21 @@ Fresh random inputs every run; a failing case prints its seed (replay with
 ``FASTIPIRM_TEST_SEED=<seed>``).
 """
 import itertools
-import os
 
 import pytest
 import torch
+from triton_helpers import (compile_without_interpreter, cuda_or_skip, import_interpreted,
+                            interpreter_mark, shared_memory_limit)
 
 from fastipirm.check import (GRADIENT_FLOOR, VALUE_FLOOR, Case, check_compiled_step,
                              make_inputs, op_kwargs, outputs_and_grads, relative_error)
 from fastipirm.ops import PENALTIES, env_contrastive_loss_reference
 
-# TRITON_INTERPRET must be set when the kernels are decorated (first import of the kernel module);
-# it is restored afterwards so that other test modules of the same session (and the subprocesses
-# they start) do not see it.
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    triton = pytest.importorskip("triton")
-    K = pytest.importorskip("fastipirm.kernels.env_contrastive")
-    T = pytest.importorskip("fastipirm.ops.triton_backend")
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
+# TRITON_INTERPRET=1 (unless set) while the kernels are decorated, restored afterwards
+triton, K, T = import_interpreted("fastipirm.kernels.env_contrastive",
+                                  "fastipirm.ops.triton_backend")
 INTERPRETED = K.INTERPRETED
-
-
-def _old_interpreter_with_new_numpy() -> bool:
-    """Triton 3.6's interpreter does ``int()`` of 1-element arrays (loop bounds), an error since
-    NumPy 2.4; Triton 3.9 is fine (3.6 + NumPy 2.2 passes this module too)."""
-    import numpy as np
-    try:
-        int(np.array([1]))
-        return False
-    except TypeError:
-        return tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9)
-
-
-interp = pytest.mark.skipif(
-    not INTERPRETED or _old_interpreter_with_new_numpy(),
-    reason="kernels were not created under TRITON_INTERPRET=1 (run this module in its own pytest "
-           "process), or Triton < 3.9's interpreter with NumPy >= 2.4")
+interp = interpreter_mark(triton, INTERPRETED)
 NAMES = ["loss", "penalty", "grad z1", "grad z2", "grad weights"]
 
 
@@ -292,13 +265,6 @@ def test_too_wide_features_are_a_clear_error():
 
 
 # ------------------------------------------------------------------ GPU (skipped without CUDA)
-def _cuda_or_skip():
-    if INTERPRETED:
-        pytest.skip("kernels are interpreted: run with TRITON_INTERPRET=0 for the GPU tests")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-
-
 GPU_ERRORS: dict = {}
 
 
@@ -318,7 +284,7 @@ def test_gpu_against_float64_torch_backend(case, dtype, floor, seed):
     fp32 (exact ``ieee`` dots, torch's default matmul precision): relative error < 1e-4.
     fp16/bf16: error <= 2 x (error of the torch backend fed the same rounded inputs) + floor.
     """
-    _cuda_or_skip()
+    cuda_or_skip(INTERPRETED)
     from fastipirm.ops.torch_backend import env_contrastive_loss_torch
     z1, z2, w = make(case, device="cuda")
     up = (torch.randn(case.envs, device="cuda"), torch.randn(case.envs, device="cuda"))
@@ -345,7 +311,7 @@ def test_gpu_against_float64_torch_backend(case, dtype, floor, seed):
 @pytest.mark.gpu
 def test_gpu_peak_memory_is_linear():
     """B=8192, D=128, M=16: fwd+bwd peak below N^2 bytes (256 MiB; a (2B)^2 bf16 matrix: 512)."""
-    _cuda_or_skip()
+    cuda_or_skip(INTERPRETED)
     case = Case(8192, 128, 16, True, "slot")
     z1, z2, w = make(case, device="cuda")
     z1, z2 = z1.bfloat16().requires_grad_(), z2.bfloat16().requires_grad_()
@@ -414,17 +380,7 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(arch, tmp_path):
     """Lower the kernels through Triton's real compiler (TTIR -> PTX -> cubin with the bundled
     ptxas) for sm_80 / sm_90, in a subprocess without the interpreter: catches what the
     interpreter does not check (types, layouts, shared memory)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    limit = (163 if arch == 80 else 227) * 1024
-    for line in proc.stdout.splitlines():
+    limit = shared_memory_limit(arch)
+    for line in compile_without_interpreter(_AOT_SCRIPT, [arch], tmp_path):
         name, _, shared = line.split()
         assert int(shared) <= limit, f"{name}: {shared} bytes of shared memory on sm_{arch}"

@@ -50,6 +50,7 @@ class ExtensionSpec:
     cuda: bool
     what: str                    # for messages
     install_hint: str            # how to get it built, for the ImportError
+    depends: tuple[str, ...] = ()  # headers the sources include (a change rebuilds; in the sdist)
 
     def compile_args(self) -> dict[str, list[str]]:
         """``extra_compile_args`` of the setuptools extension."""
@@ -68,14 +69,16 @@ _JIT = "set FASTIPIRM_JIT_BUILD=1 to compile it on first use"
 CPU_EXTENSION = ExtensionSpec(
     "fastipirm._C", "fastipirm_cpu_ext",
     ("csrc/env_contrastive_cpu.cpp", "csrc/masked_contrastive_cpu.cpp"), cuda=False,
-    what="the C++ extension", install_hint=f"install with {_BUILD}, or {_JIT}")
+    what="the C++ extension", install_hint=f"install with {_BUILD}, or {_JIT}",
+    depends=("csrc/cpu_simd_gemm.h",))
 CUDA_EXTENSION = ExtensionSpec(
     "fastipirm._cuda", "fastipirm_cuda_ext",
     ("csrc/env_contrastive_cuda.cpp", "csrc/env_contrastive_cuda_kernels.cu",
      "csrc/masked_contrastive_cuda.cpp", "csrc/masked_contrastive_cuda_kernels.cu"), cuda=True,
     what="the CUDA extension",
     install_hint=f"install with {_BUILD} on a machine with a CUDA build of torch and nvcc "
-                 f"(FASTIPIRM_CUDA=1 forces the CUDA build), or {_JIT}")
+                 f"(FASTIPIRM_CUDA=1 forces the CUDA build), or {_JIT}",
+    depends=("csrc/cuda_common.cuh",))
 
 
 def jit_build(ext: ExtensionSpec):

@@ -76,13 +76,20 @@ class CudaKernels(FusedKernels):
 CUDA_KERNELS = CudaKernels()
 
 
-def load_cuda_backend():
-    """The backend function; raises (with the reason and the fix) when it cannot run here."""
+def require_cuda(what: str) -> None:
+    """Raise unless torch is a CUDA build (ImportError) with a device (RuntimeError); ``what``
+    (the code that needs them) is named in the message. Shared with the masked op's kernel set
+    (:mod:`fastipirm.ops.masked_cuda`)."""
     if torch.version.cuda is None:
-        raise ImportError(f"torch {torch.__version__} is a build without CUDA; the cuda backend "
-                          "needs a CUDA build of torch")
+        raise ImportError(f"torch {torch.__version__} is a build without CUDA; {what} needs a "
+                          "CUDA build of torch")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is available")
+
+
+def load_cuda_backend():
+    """The backend function; raises (with the reason and the fix) when it cannot run here."""
+    require_cuda("the cuda backend")
     load_extension()
     return register_fused_backend(CUDA_KERNELS)
 

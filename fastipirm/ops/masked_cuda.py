@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .build import CUDA_EXTENSION, import_extension
+from .cuda_backend import require_cuda
 from .masked_glue import Geometry, MaskedKernels
 
 #: attribute of a glue feature tensor holding the tensor the kernels read
@@ -141,10 +142,6 @@ class CudaMaskedKernels(MaskedKernels):
 
 def kernels() -> CudaMaskedKernels:
     """The kernel set, or an error saying why it cannot run here."""
-    if torch.version.cuda is None:
-        raise ImportError(f"torch {torch.__version__} is a build without CUDA; the cuda kernel "
-                          "set needs a CUDA build of torch")
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device is available")
+    require_cuda("the cuda kernel set")
     load_extension()
     return CudaMaskedKernels()
