@@ -27,12 +27,16 @@ def pyplot():
 
 def _panels(plt, groups: dict, ylabel: str, title: str, path: Path,
             xlabel: str = "2B (rows of the similarity)") -> Path:
-    """One log-log panel per group: ``{panel title: {line label: [(x, y), ...]}}``."""
+    """One log-log panel per group: ``{panel title: {line label: [(x, y), ...]}}``; a label has
+    the same colour in every panel."""
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    labels = list(dict.fromkeys(label for lines in groups.values() for label in lines))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (panel, lines) in zip(axes[0], groups.items()):
         for label, points in lines.items():
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, marker="o", label=label,
+                    color=cycle[labels.index(label) % len(cycle)])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
