@@ -2,11 +2,12 @@
 
 A config has the tables ``[run]``, ``[data]``, ``[model]``, ``[train]``, ``[method]``, ``[op]``,
 ``[eval]``, and one table per method with knobs of its own: ``[ipirm]`` and ``[partition]``
-(IP-IRM's maximisation step). Every key is a field below with its default, its checks beside it
-(:func:`key`) and a comment. Unknown tables or keys and values of the wrong type are
-``ValueError``s that name the key (``train.bach_size: unknown key``); a key that moved names its
-new place. ``--set section.key=value`` overrides a key after the file is read (the value is
-parsed as a TOML value; a bare word is taken as a string).
+(IP-IRM's maximisation step), ``[clica]`` (CL-ICA's MLP-mixing experiment). Every key is a
+field below with its default, its checks beside it (:func:`key`) and a comment. Unknown tables
+or keys and values of the wrong type are ``ValueError``s that name the key
+(``train.bach_size: unknown key``); a key that moved names its new place. ``--set
+section.key=value`` overrides a key after the file is read (the value is parsed as a TOML value;
+a bare word is taken as a string).
 
 The official flags of IP-IRM's ``main.py`` map to keys as ``docs/official-ipirm.md#flags``
 tabulates; the defaults are the official STL-10 headline run (``configs/stl.toml`` spells them out),
@@ -25,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .atomic import atomic_write_text
-from .data import DATASETS, PIPELINES
+from .data import DATASETS, GENERATIVE, PIPELINES
 from .data.synthetic import DISCRETE_FACTORS
 from .methods import METHODS
-from .models import ARCHS
+from .models import ARCHS, MLP_ARCHS
 from .ops import PENALTIES
 from .ops.backends import BACKENDS
 from .runtime import AMP_MODES
@@ -66,6 +67,14 @@ def at_most(bound: float, closed: str = "[") -> Callable:
     def check(name: str, value) -> Optional[str]:
         if value is not None and value > bound:
             return f"{name}: must lie in {closed}0, {bound:g}], got {value!r}"
+        return None
+    return check
+
+
+def below(bound: float) -> Callable:
+    def check(name: str, value) -> Optional[str]:
+        if value is not None and not value < bound:
+            return f"{name}: must be below {bound:g}, got {value!r}"
         return None
     return check
 
@@ -117,7 +126,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = key("stl10", one_of(DATASETS))
+    name: str = key("stl10", one_of(DATASETS, GENERATIVE))  # latent_mixing: CL-ICA ([clica])
     root: str = "data"
     split: str = "train+unlabeled"       # pretraining (and partition) split
     memory_split: str = "train"          # labelled split: kNN memory and linear-probe training
@@ -148,7 +157,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = key("resnet50", one_of(ARCHS))
+    arch: str = key("resnet50", one_of(ARCHS, MLP_ARCHS))  # clica_mlp: CL-ICA's MLP encoder
     feature_dim: int = key(128, positive)  # official --feature_dim
     width: int = key(64, positive)       # base channel width of the ResNet (official 64)
     hidden_dim: int = key(512, positive)  # projection head hidden width (official 512)
@@ -226,6 +235,70 @@ class PartitionConfig:
 
 
 @dataclass
+class ClicaConfig:
+    """CL-ICA's MLP-mixing experiment (``method.name = "clica"``, ``data.name =
+    "latent_mixing"``); the official ``main_mlp.py`` flags map to these keys as
+    ``docs/clica.md#flags`` tabulates."""
+
+    n: int = key(10, positive)           # --n: latent dimensions
+    space: str = key("box", one_of(("box", "sphere", "unbounded")))  # --space-type
+    box_min: float = 0.0                 # --box-min
+    box_max: float = 1.0                 # --box-max
+    sphere_r: float = key(1.0, positive)  # --sphere-r
+    m_p: float = key(0.0, non_negative)  # --m-p marginal: 0 uniform, 1 Laplace, 2 Normal, else
+                                         # generalised normal with this exponent
+    m_param: float = key(1.0, positive)  # --m-param: the marginal's scale
+    c_p: float = key(2.0, non_negative)  # --c-p conditional: 0 von Mises-Fisher (sphere), 1
+                                         # Laplace, 2 Normal, >= 3 generalised normal
+    c_param: float = key(0.05, positive)  # --c-param: the conditional's scale (vMF: kappa)
+    mixing_layers: int = key(3, positive)  # --n-mixing-layer
+    act_fct: str = key("leaky_relu", one_of(("leaky_relu", "relu", "elu", "smooth_leaky_relu",
+                                             "softplus")))  # --act-fct of the mixing
+    cond_samples: int = key(25000, positive)  # random matrices of the condition-number threshold
+    cond_thresh_ratio: float = key(0.0, non_negative, below(1.0))  # the quantile of the pool's
+                                         # condition numbers (official 0.0: the minimum)
+    p: float = key(1.0, non_negative)    # --p: 0 the dot product on the sphere, else L_p^p
+    output_norm: str = key("auto", one_of(("auto", "none", "fixed_sphere", "learnable_sphere",
+                                           "box")))  # encoder output (auto: fixed_sphere when
+                                         # p = 0, else none; --sphere-norm, --box-norm)
+    steps_per_epoch: int = key(250, positive)  # --n-log-steps: an epoch is one logging interval
+    eval_samples: int = key(4096, positive)    # fresh samples of the R2/MCC at each epoch's end
+    num_eval_batches: int = key(10, positive)  # --num-eval-batches of the final scores
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        generated, mlp = cfg.data.name in GENERATIVE, cfg.model.arch in MLP_ARCHS
+        if cfg.method.name != "clica":
+            if generated or mlp:
+                return (f"method.name: {cfg.method.name!r} trains on images; data.name "
+                        f"{cfg.data.name!r} and model.arch {cfg.model.arch!r} are CL-ICA's "
+                        '(method.name = "clica")')
+            return None
+        if not generated:
+            return f'data.name: method clica trains on data.name = "latent_mixing", got ' \
+                   f'{cfg.data.name!r}'
+        if not mlp:
+            return f'model.arch: method clica trains model.arch = "clica_mlp", got ' \
+                   f'{cfg.model.arch!r}'
+        if self.box_min >= self.box_max:
+            return f"clica.box_min: {self.box_min} is not below clica.box_max {self.box_max}"
+        if 0 < self.p < 1:
+            return f"clica.p: {self.p} is neither 0 (dot product) nor >= 1 (L_p distance)"
+        if self.c_p == 0 and self.space != "sphere":
+            return "clica.c_p = 0 (von Mises-Fisher) needs clica.space = \"sphere\""
+        if self.m_p == 0 and self.space == "unbounded":
+            return "clica.m_p = 0 (uniform) is not defined on clica.space = \"unbounded\""
+        return None
+
+    @property
+    def encoder_norm(self) -> str:
+        """The encoder's output normalisation (``auto``: as the official, the fixed unit sphere
+        for the dot-product model, else none)."""
+        if self.output_norm != "auto":
+            return self.output_norm
+        return "fixed_sphere" if self.p == 0 else "none"
+
+
+@dataclass
 class OpConfig:
     backend: str = key("auto", one_of(("auto",), BACKENDS))  # the fused op's backend
     penalty: str = key("slot", one_of(PENALTIES))  # IRM penalty variant: slot (official) | ...
@@ -261,6 +334,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     ipirm: IpirmConfig = field(default_factory=IpirmConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    clica: ClicaConfig = field(default_factory=ClicaConfig)
     op: OpConfig = field(default_factory=OpConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

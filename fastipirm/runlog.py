@@ -113,8 +113,8 @@ def _save(plt, fig, path: Path, title: str) -> None:
 
 
 def plot_curves(history: list, path: Path, title: str) -> bool:
-    """Loss (and its parts), IRM penalty, kNN accuracy and partition balance over epochs (panels
-    without data stay empty); False when matplotlib is not installed."""
+    """Loss (and its parts), IRM penalty, kNN accuracy (CL-ICA: R² and MCC) and partition balance
+    over epochs (panels without data stay empty); False when matplotlib is not installed."""
     plt = _pyplot()
     if plt is None:
         return False
@@ -137,6 +137,12 @@ def plot_curves(history: list, path: Path, title: str) -> bool:
         if points:
             ax.plot(*zip(*points), marker="o" if key != "penalty" else None)
         ax.set_title(label)
+    if series("r2"):               # CL-ICA: identifiability scores on fresh samples
+        axes[2].set_title("linear R² and MCC (fresh samples)")
+        for key, label in (("r2", "R²"), ("mcc", "MCC")):
+            if series(key):
+                axes[2].plot(*zip(*series(key)), marker="o", label=label)
+        axes[2].legend(fontsize=7)
     for a in axes:
         a.set_xlabel("epoch")
     _save(plt, fig, path, title)

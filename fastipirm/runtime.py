@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .data import TwoViewAugment, TwoViewBatches, choose_pipeline, load_dataset
-from .models import SimCLRModel, load_pretrained
+from .data import (GENERATIVE, LatentMixing, LatentPairBatches, TwoViewAugment, TwoViewBatches,
+                   choose_pipeline, load_dataset)
+from .models import MLP_ARCHS, MLPEncoder, SimCLRModel, load_pretrained
 
 AMP_MODES = ("bf16", "fp16", "none")
 
@@ -86,6 +87,8 @@ def run_dir(cfg) -> Path:
 def build_model(cfg) -> SimCLRModel:
     """The network of ``cfg.model`` (on the CPU, freshly initialised)."""
     m = cfg.model
+    if m.arch in MLP_ARCHS:
+        return MLPEncoder(cfg.clica.n, output_norm=cfg.clica.encoder_norm)
     return SimCLRModel(arch=m.arch, feature_dim=m.feature_dim, width=m.width,
                        hidden_dim=m.hidden_dim)
 
@@ -110,6 +113,8 @@ def training_model(cfg, device: torch.device, *, resuming: bool,
 def load_split(cfg, split: str):
     """``fastipirm.data.load_dataset`` for one split; failures become :class:`DataUnavailable`."""
     d = cfg.data
+    if d.name in GENERATIVE:                  # generated on the fly: no split, no files
+        return LatentMixing(cfg.clica, cfg.run.seed)
     kwargs = {}
     if d.name == "synthetic":
         count = d.num_samples if split == d.split else d.eval_num_samples
@@ -138,7 +143,7 @@ def load_eval_splits(cfg, train_set, log: Callable[[str], None] = print):
     """``(memory, test)`` splits of the evaluation (kNN memory / probe training, queries / probe
     test), or ``(None, None)`` when no evaluation is configured or the splits have no labels."""
     ev, d = cfg.eval, cfg.data
-    if not (ev.knn_every > 0 or ev.linear_at_end):
+    if d.name in GENERATIVE or not (ev.knn_every > 0 or ev.linear_at_end):
         return None, None
     memory = train_set if d.memory_split == d.split else load_split(cfg, d.memory_split)
     test = load_split(cfg, d.test_split)
@@ -157,7 +162,11 @@ def augmentation(cfg, device: torch.device) -> TwoViewAugment:
 
 def training_views(cfg, train_set, device: torch.device,
                    generator: Optional[torch.Generator]) -> TwoViewBatches:
-    """The two-view batches of ``cfg`` (``train.batch_size``, ``data.pipeline``, crop options)."""
+    """The two-view batches of ``cfg`` (``train.batch_size``, ``data.pipeline``, crop options);
+    for generated data, its fresh pairs on ``device``."""
+    if cfg.data.name in GENERATIVE:
+        return LatentPairBatches(train_set.to(device), cfg.train.batch_size,
+                                 cfg.clica.steps_per_epoch, cfg.run.seed)
     n, batch = len(train_set.images), cfg.train.batch_size
     if n < batch:
         raise ValueError(f"train.batch_size: {batch} is larger than the {n} images of "

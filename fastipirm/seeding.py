@@ -28,6 +28,9 @@ class Stream(IntEnum):
     PROBE_ORDER = 2**32 + 5      # linear probes: the shuffled training order
     PROBE_AUGMENT = 2**32 + 6    # linear probe with augmented training images
     DALI = 0xDA11                # third tag of a DALI pipeline seed: (epoch, DALI)
+    LATENT_MIXING = 2**32 + 7    # CL-ICA: the frozen mixing network
+    LATENT_PAIRS = 2**32 + 8     # CL-ICA: the latent pairs of an epoch (+ epoch)
+    LATENT_EVAL = 2**32 + 9      # CL-ICA: the fresh samples of an evaluation (+ epoch)
 
 
 def _sequence(seed: int, tags) -> np.random.SeedSequence:

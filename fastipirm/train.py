@@ -8,8 +8,8 @@
 3. model, Adam (``train.lr``, coupled ``train.weight_decay``, no schedule, as the official code),
    AMP, and the method (``method.name``, :mod:`fastipirm.methods`), which owns the step;
 4. resume from a checkpoint, or the method's start (IP-IRM: the epoch-0 partition);
-5. the epochs: the method's steps, its end of epoch (IP-IRM: maximisation), the kNN monitor,
-   metrics, checkpoint;
+5. the epochs: the method's steps, its end of epoch (IP-IRM: maximisation), the kNN monitor
+   (CL-ICA: R² and MCC on fresh samples), metrics, checkpoint;
 6. the end: curves, the final probes, ``summary.json``.
 
 Host synchronisation: a step never reads a device value; the losses are accumulated on the
@@ -35,6 +35,7 @@ from . import runtime
 from .checkpoint import CHECKPOINT, FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .config import Config, write_config
 from .eval import RunEvaluation, evaluate_initialisation
+from .data import GENERATIVE
 from .eval.linear import HISTORY_FIELDS
 from .methods import METHODS, MethodContext, build_method
 from .runlog import (RunLog, comparison_table, plot_comparison, plot_curves, progress_bar,
@@ -42,7 +43,8 @@ from .runlog import (RunLog, comparison_table, plot_comparison, plot_curves, pro
 from .runtime import TrainingDiverged
 from .seeding import Stream, derived_generator
 
-EPOCH_TAIL = ["knn_top1", "knn_top5", "img_per_s", "epoch_seconds", "knn_seconds", "peak_mem_gb"]
+EPOCH_TAIL = ["knn_top1", "knn_top5", "r2", "mcc", "img_per_s", "epoch_seconds", "knn_seconds",
+              "peak_mem_gb"]
 
 
 def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], None] = print,
@@ -81,7 +83,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         train_set=train_set, augment=views.augment, generator=aug_gen, log=log,
         progress=lambda total, desc: progress_bar(cfg.run.progress, total, desc)))
     evaluation = RunEvaluation(cfg, memory_set, test_set, device=device, autocast=autocast,
-                               augment=views.augment, log=log)
+                               augment=views.augment, log=log,
+                               source=train_set if cfg.data.name in GENERATIVE else None)
 
     # 4. resume, or the method's start -------------------------------------------------------------
     start_epoch, step, history = 0, 0, []
@@ -149,14 +152,14 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         row = {"epoch": epoch, "step": step, **means,
                **method.end_epoch(epoch, last=epoch == t.epochs),
                "img_per_s": steps * t.batch_size / train_seconds, "epoch_seconds": train_seconds}
-        if evaluation.knn_due(epoch):
-            row.update(evaluation.knn(forward))
+        row.update(evaluation.after_epoch(epoch, forward))
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(row)
         log(f"epoch {epoch}/{t.epochs}  loss {means['loss']:.4f}  {method.describe(row)}  "
             f"{row['img_per_s']:.0f} img/s"
-            + (f"  kNN {row['knn_top1']:.2f}%" if row.get("knn_top1") is not None else ""))
+            + (f"  kNN {row['knn_top1']:.2f}%" if row.get("knn_top1") is not None else "")
+            + (f"  R² {row['r2']:.4f} MCC {row['mcc']:.4f}" if row.get("r2") is not None else ""))
         runlog.epoch(history)
         if epoch % cfg.run.ckpt_every == 0 or epoch == t.epochs:
             atomic_save({"format": FORMAT, "config": cfg.to_dict(), "epoch": epoch, "step": step,
@@ -189,6 +192,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         summary["linear"] = {k: v for k, v in final["linear"].items() if k != "history"}
     if "factors" in final:
         summary["factors"] = final["factors"]
+    summary.update(final.get("identifiability", {}))
     write_json(out / "summary.json", summary)
     return summary
 

@@ -116,18 +116,23 @@ def test_knn_temperature_defaults_to_the_training_temperature():
 
 def test_choice_lists_come_from_their_modules():
     """A name the owning module adds is valid in the config at once (no second list)."""
-    from fastipirm.data import DATASETS, PIPELINES
+    from fastipirm.data import DATASETS, GENERATIVE, PIPELINES
     from fastipirm.methods import METHODS
-    from fastipirm.models import ARCHS
+    from fastipirm.models import ARCHS, MLP_ARCHS
     from fastipirm.ops import PENALTIES
+    clica = {"data": {"name": GENERATIVE[0]}, "model": {"arch": MLP_ARCHS[0]}}
     for name in METHODS:
-        assert from_dict({"method": {"name": name}}).method.name == name
+        extra = clica if name == "clica" else {}
+        assert from_dict({"method": {"name": name}, **extra}).method.name == name
     for name in PENALTIES:
         assert from_dict({"op": {"penalty": name}}).op.penalty == name
     for section, key, names in (("data", "name", DATASETS), ("data", "pipeline", PIPELINES),
                                 ("model", "arch", ARCHS)):
         for name in names:
             assert getattr(getattr(from_dict({section: {key: name}}), section), key) == name
+    for name in GENERATIVE:
+        assert from_dict({"method": {"name": "clica"}, "data": {"name": name},
+                          "model": {"arch": MLP_ARCHS[0]}}).data.name == name
 
 
 def test_first_format_config_is_upgraded():

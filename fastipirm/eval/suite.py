@@ -1,5 +1,6 @@
 """The evaluation a training run does, configured by its ``[eval]`` table: the kNN monitor
-during training and, at the end, the linear probe and the generative-factor probes."""
+during training and, at the end, the linear probe and the generative-factor probes; on generated
+data (CL-ICA) the identifiability scores instead (:mod:`.identifiability`)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,6 +10,7 @@ import torch
 from .. import runtime
 from ..data import eval_transform
 from .factors import factor_evaluation
+from .identifiability import IdentifiabilityMonitor
 from .knn import knn_evaluate
 from .linear import linear_probe
 
@@ -17,12 +19,14 @@ class RunEvaluation:
     """The evaluations of a run on its labelled ``memory``/``test`` splits (both None: none).
 
     ``autocast`` and ``device`` are the run's; ``augment`` its two-view augmentation (the linear
-    probe's training view when ``eval.linear_augment``).
+    probe's training view when ``eval.linear_augment``); ``source``: the generated data of a
+    CL-ICA run (scored by :class:`IdentifiabilityMonitor` after every epoch and at the end).
     """
 
     def __init__(self, cfg, memory, test, *, device: torch.device, autocast: Callable,
-                 augment=None, log: Callable[[str], None] = print):
+                 augment=None, source=None, log: Callable[[str], None] = print):
         self.cfg, self.memory, self.test = cfg, memory, test
+        self.identifiability = None if source is None else IdentifiabilityMonitor(cfg, source, log)
         self.device, self.autocast, self.augment, self.log = device, autocast, augment, log
         self.extract = dict(batch_size=cfg.eval.batch_size, device=device,
                             transform=eval_transform, autocast=autocast,
@@ -33,6 +37,13 @@ class RunEvaluation:
         return self.memory is not None and ev.knn_every > 0 and (
             epoch % ev.knn_every == 0 or epoch == self.cfg.train.epochs)
 
+    def after_epoch(self, epoch: int, forward) -> dict:
+        """The metrics due after ``epoch``: the kNN monitor's, the identifiability scores."""
+        row = self.knn(forward) if self.knn_due(epoch) else {}
+        if self.identifiability is not None:
+            row.update(self.identifiability.scores(forward, epoch))
+        return row
+
     def knn(self, forward) -> dict:
         """``knn_top1``, ``knn_top5``, ``knn_seconds`` of the model (or its compiled form)."""
         if self.memory is None:
@@ -41,8 +52,11 @@ class RunEvaluation:
                             temperature=self.cfg.knn_temperature, **self.extract)
 
     def final(self, model: torch.nn.Module) -> dict:
-        """The end-of-run probes: ``{"linear": ..., "factors": ...}`` (those configured)."""
+        """The end-of-run probes: ``{"linear": ..., "factors": ..., "identifiability": ...}``
+        (those configured)."""
         ev, out = self.cfg.eval, {}
+        if self.identifiability is not None:
+            out["identifiability"] = self.identifiability.final(model)
         if self.memory is None:
             return out
         if ev.linear_at_end:

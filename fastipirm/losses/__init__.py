@@ -1,7 +1,9 @@
 """The pure loss functions of the training methods, one module per method, all on the fused op."""
+from .clica import clica_infonce, clica_similarity
 from .ipirm import (balance_constraint, maximization_objective, memberships_from_logits,
                     minimization_loss, relaxed_entropy_threshold)
 from .simclr import nt_xent
 
-__all__ = ["nt_xent", "minimization_loss", "maximization_objective", "balance_constraint",
-           "memberships_from_logits", "relaxed_entropy_threshold"]
+__all__ = ["nt_xent", "clica_infonce", "clica_similarity", "minimization_loss",
+           "maximization_objective", "balance_constraint", "memberships_from_logits",
+           "relaxed_entropy_threshold"]

@@ -4,10 +4,11 @@
 method is a module here with a ``Method`` subclass, added to :data:`METHODS`.
 """
 from .base import Method, MethodContext, TrainStep, grouped_projection, project_views
+from .clica import CLICA
 from .ipirm import IPIRM
 from .simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, IPIRM)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, IPIRM, CLICA)}
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:
@@ -18,4 +19,4 @@ def build_method(name: str, ctx: MethodContext) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MethodContext", "TrainStep", "build_method",
-           "grouped_projection", "project_views", "SimCLR", "IPIRM"]
+           "grouped_projection", "project_views", "SimCLR", "IPIRM", "CLICA"]
