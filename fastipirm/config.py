@@ -234,11 +234,14 @@ class PartitionConfig:
         return None
 
 
+CLICA_METHODS = ("clica", "clica_supervised")
+
+
 @dataclass
 class ClicaConfig:
-    """CL-ICA's MLP-mixing experiment (``method.name = "clica"``, ``data.name =
-    "latent_mixing"``); the official ``main_mlp.py`` flags map to these keys as
-    ``docs/clica.md#flags`` tabulates."""
+    """CL-ICA's MLP-mixing experiment (``method.name = "clica"`` or its supervised baseline
+    ``"clica_supervised"``, ``data.name = "latent_mixing"``); the official ``main_mlp.py`` flags
+    map to these keys as ``docs/clica.md#flags`` tabulates."""
 
     n: int = key(10, positive)           # --n: latent dimensions
     space: str = key("box", one_of(("box", "sphere", "unbounded")))  # --space-type
@@ -257,7 +260,7 @@ class ClicaConfig:
     cond_samples: int = key(25000, positive)  # random matrices of the condition-number threshold
     cond_thresh_ratio: float = key(0.0, non_negative, below(1.0))  # the quantile of the pool's
                                          # condition numbers (official 0.0: the minimum)
-    p: float = key(1.0, non_negative)    # --p: 0 the dot product on the sphere, else L_p^p
+    p: float = key(2.0, non_negative)    # --p: 0 the dot product on the sphere, else L_p^p
     output_norm: str = key("auto", one_of(("auto", "none", "fixed_sphere", "learnable_sphere",
                                            "box")))  # encoder output (auto: fixed_sphere when
                                          # p = 0, else none; --sphere-norm, --box-norm)
@@ -267,18 +270,24 @@ class ClicaConfig:
 
     def check(self, cfg: "Config") -> Optional[str]:
         generated, mlp = cfg.data.name in GENERATIVE, cfg.model.arch in MLP_ARCHS
-        if cfg.method.name != "clica":
+        method = cfg.method.name
+        if method not in CLICA_METHODS:
             if generated or mlp:
-                return (f"method.name: {cfg.method.name!r} trains on images; data.name "
+                return (f"method.name: {method!r} trains on images; data.name "
                         f"{cfg.data.name!r} and model.arch {cfg.model.arch!r} are CL-ICA's "
-                        '(method.name = "clica")')
+                        f"(method.name = one of {', '.join(CLICA_METHODS)})")
             return None
         if not generated:
-            return f'data.name: method clica trains on data.name = "latent_mixing", got ' \
+            return f'data.name: method {method} trains on data.name = "latent_mixing", got ' \
                    f'{cfg.data.name!r}'
         if not mlp:
-            return f'model.arch: method clica trains model.arch = "clica_mlp", got ' \
+            return f'model.arch: method {method} trains model.arch = "clica_mlp", got ' \
                    f'{cfg.model.arch!r}'
+        if cfg.run.compare_baseline or cfg.run.compare_random:
+            return ("run.compare_baseline / run.compare_random: the SimCLR baseline and the kNN "
+                    "of the untrained network do not apply to CL-ICA; its baseline is "
+                    'method.name = "clica_supervised", and summary.json has the raw '
+                    "observations' scores")
         if self.box_min >= self.box_max:
             return f"clica.box_min: {self.box_min} is not below clica.box_max {self.box_max}"
         if 0 < self.p < 1:

@@ -124,6 +124,8 @@ def tiny(tmp_path, epochs=6, steps=50, plot=False, seed=0, sets=()):
     (["clica.p=0.5"], "clica.p"),
     (["clica.cond_thresh_ratio=1.0"], "clica.cond_thresh_ratio"),
     (["clica.space=torus"], "clica.space"),
+    (["run.compare_baseline=true"], "clica_supervised"),
+    (["run.compare_random=true"], "raw observations"),
 ])
 def test_bad_clica_configs_name_the_key(tmp_path, sets, message):
     with pytest.raises(ValueError, match=message):
@@ -134,6 +136,10 @@ def test_the_shipped_clica_configs_load():
     for name in ("mlp_box_normal_l2_cpu", "mlp_box_laplace_l1_cpu"):
         cfg = load_config(f"configs/clica/{name}.toml")
         assert cfg.method.name == "clica" and cfg.clica.n == 5 and cfg.train.batch_size == 1024
+    for name in ("mlp_paper_box_normal_l2", "mlp_paper_box_laplace_l1"):
+        cfg = load_config(f"configs/clica/{name}.toml")
+        assert cfg.clica.n == 10 and cfg.train.batch_size == 6144
+        assert cfg.train.epochs * cfg.clica.steps_per_epoch == 300_000
 
 
 # ---------------------------------------------------------------- training runs
@@ -188,3 +194,15 @@ def test_kill_and_resume_is_exact(tmp_path):
     sa = json.loads((tmp_path / "runs" / "full" / "summary.json").read_text())
     sb = json.loads((tmp_path / "runs" / "cut" / "summary.json").read_text())
     assert (sa["r2"], sa["mcc"], sa["raw_r2"]) == (sb["r2"], sb["mcc"], sb["raw_r2"])
+
+
+def test_supervised_baseline_regresses_the_latents(tmp_path):
+    """``method.name = "clica_supervised"`` (the official supervised baseline): MSE of the codes
+    against the true latents, which it recovers almost exactly in 300 steps (n = 2)."""
+    path = tiny(tmp_path, sets=["method.name=clica_supervised", "run.name=sup"])
+    summary = trainmod.train(load_config(path), log=lambda *a: None)
+    assert summary["method"] == "clica_supervised" and summary["steps"] == 300
+    assert summary["r2"] > 0.99 and summary["mcc"] > 0.99, summary
+    history = load_checkpoint(tmp_path / "runs" / "sup")["history"]
+    assert history[-1]["loss"] < 0.1 * history[0]["loss"]
+

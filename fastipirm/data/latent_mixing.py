@@ -10,7 +10,7 @@ generator seeded by (run seed, epoch), so a resumed run draws what the uninterru
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -66,7 +66,9 @@ class LatentMixing:
 
 class LatentPairBatches:
     """The loop's training views of a CL-ICA run: ``len()`` steps per epoch, each
-    ``(None, g(z), g(z~))`` of ``batch`` fresh pairs."""
+    ``(z, g(z), g(z~))`` of ``batch`` fresh pairs (the latents stand where image data has the
+    samples' indices: they are what identifies a generated sample; the supervised baseline
+    regresses on them)."""
 
     augment = None
 
@@ -76,9 +78,8 @@ class LatentPairBatches:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Optional[torch.Tensor], torch.Tensor,
-                                                  torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         gen = derived_generator(self.seed, Stream.LATENT_PAIRS, epoch, device=self.data.device)
         for _ in range(self.steps):
             z, zt = self.data.sample(self.batch, gen)
-            yield None, self.data.observe(z), self.data.observe(zt)
+            yield z, self.data.observe(z), self.data.observe(zt)

@@ -4,11 +4,12 @@
 method is a module here with a ``Method`` subclass, added to :data:`METHODS`.
 """
 from .base import Method, MethodContext, TrainStep, grouped_projection, project_views
-from .clica import CLICA
+from .clica import CLICA, CLICASupervised
 from .ipirm import IPIRM
 from .simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, IPIRM, CLICA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, IPIRM, CLICA,
+                                                          CLICASupervised)}
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:
@@ -19,4 +20,5 @@ def build_method(name: str, ctx: MethodContext) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MethodContext", "TrainStep", "build_method",
-           "grouped_projection", "project_views", "SimCLR", "IPIRM", "CLICA"]
+           "grouped_projection", "project_views", "SimCLR", "IPIRM", "CLICA",
+           "CLICASupervised"]
