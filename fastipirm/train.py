@@ -34,8 +34,8 @@ import torch
 from . import runtime
 from .checkpoint import CHECKPOINT, FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .config import Config, write_config
-from .eval import RunEvaluation, evaluate_initialisation
 from .data import GENERATIVE
+from .eval import RunEvaluation, evaluate_initialisation
 from .eval.linear import HISTORY_FIELDS
 from .methods import METHODS, MethodContext, build_method
 from .runlog import (RunLog, comparison_table, plot_comparison, plot_curves, progress_bar,

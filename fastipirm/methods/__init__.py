@@ -4,7 +4,8 @@
 method is a module here with a ``Method`` subclass, added to :data:`METHODS`.
 """
 from .base import Method, MethodContext, TrainStep, grouped_projection, project_views
-from .clica import CLICA, CLICASupervised
+from .clica import CLICA
+from .clica_supervised import CLICASupervised
 from .ipirm import IPIRM
 from .simclr import SimCLR
 

@@ -10,8 +10,6 @@ loop's Adam. The run's evaluation scores the codes against the true latents (lin
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..losses.clica import clica_infonce
 from .base import Method, MethodContext, TrainStep
 
@@ -37,23 +35,3 @@ class CLICA(Method):
     def step(self, indices, view1, view2):
         return self.train_step(view1, view2)
 
-
-class CLICASupervised(Method):
-    """The official supervised baseline (``main_mlp.py`` without ``--only-unsupervised`` trains it
-    first, ``--only-supervised`` alone): the same encoder regresses the true latents,
-    ``MSE(f(g(z)), z)``, on the same fresh samples; an upper reference for R² and MCC."""
-
-    name = "clica_supervised"
-    label = "CL-ICA supervised"
-
-    def __init__(self, ctx: MethodContext):
-        super().__init__(ctx)
-        self.train_step = TrainStep(ctx, self.objective)
-
-    def objective(self, z, x):
-        with self.ctx.autocast():
-            h = self.ctx.forward(x)
-        return F.mse_loss(h.float(), z), {}
-
-    def step(self, latents, view1, view2):
-        return self.train_step(latents, view1)
