@@ -54,7 +54,9 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays and plain containers only (CIFAR batches, KITTI Masks' file)."""
+
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
@@ -111,7 +113,7 @@ def load_cifar(name: str, root: str | Path, split: str, *, download: bool = Fals
 def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="latin1").load()
+            batch = ArrayUnpickler(f, encoding="latin1").load()
     except Exception as exc:  # any unpickling failure means the file is not what we expect
         raise ValueError(f"{path}: not a readable CIFAR python pickle "
                          f"({type(exc).__name__}: {exc}); "
