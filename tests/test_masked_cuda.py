@@ -276,12 +276,14 @@ def test_emulated_zero_weight_key_sets_no_row_shift(emulated):
 ], ids=str)
 def test_emulated_extreme_temperature_is_finite_and_accurate(emulated, case, seed):
     """tau = 0.005 with distances of order one: logits of a few hundred; every output finite and
-    within float32 accuracy of the reference (relative to the outputs' magnitudes)."""
+    within float32 accuracy of the reference (relative to the outputs' magnitudes; the tolerance
+    of test_masked_ops.py for these temperatures: fp32 inputs alone put about 1e-3 into the
+    gradients of a row whose positive holds almost all of its softmax, on every backend)."""
     inputs = make_masked_inputs(case)
     up = masked_upstream(case)
     want = masked_reference_outputs(inputs, case, up)
     got = masked_backend_outputs("cuda_emulated", inputs, case, up, torch.float32)
-    assert_close(got, want, 1e-3, f"{case}, seed {seed}")
+    assert_close(got, want, 1e-2, f"{case}, seed {seed}")
 
 
 def test_emulated_split_stream_side_matches_unsplit(emulated, seed):

@@ -208,8 +208,11 @@ def test_op_fp32_against_float64_reference(case, seed, triton_backend):
     case("dot", temperature=0.005, scale=2.0)], ids=str)
 def test_extreme_temperature_is_finite_and_accurate(case, seed, triton_backend):
     """tau = 0.005 with distances of order 1: logits down to about -800 (-|q - k|^2 / tau) and
-    row sums far below 1; nothing overflows (every exponential is shifted by the row max)."""
-    check_fp32(case, seed, tol=2e-4)
+    row sums far below 1; nothing overflows (every exponential is shifted by the row max). The
+    tolerance is test_masked_ops.py's for these temperatures: fp32 inputs alone put about 1e-3
+    into the gradients of a row whose positive holds almost all of its softmax (1 - P_i cancels;
+    seed 806530588 gives 1.6e-3 in d queries on the torch, cpu and triton backends alike)."""
+    check_fp32(case, seed, tol=1e-2)
 
 
 FP16 = [case("dot", temperature=0.1, dim=32, targets=2, repeat=True),
