@@ -98,14 +98,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the official constructions, written from the specifications of the official code (the shared
-# notes dcodr-clica-spec.md sections 0, A1, A2, B2, B8 and ipirm-spec.md section 8)
+# the official constructions, written from what the official code computes
+# (docs/masked-contrastive.md#official, docs/clica.md#loss, docs/official-ipirm.md#mixup)
 
 
 def clica_official(h, h_pos, p: int, tau: float):
-    """CL-ICA's ``LpSimCLRLoss`` (spec B2, B8): the distances ``||h_i - c_j||_p^p`` to the batch
-    rolled by one (so every anchor, itself included, is a negative) through the materialised
-    B x B x n difference tensor, its norm and power; the per-anchor loss ``2 (a pos_i / tau +
+    """CL-ICA's ``LpSimCLRLoss`` (docs/clica.md#loss): the distances ``||h_i - c_j||_p^p`` to
+    the batch rolled by one (so every anchor, itself included, is a negative) through the
+    materialised B x B x n difference tensor, its norm and power; the per-anchor loss ``2 (a pos_i / tau +
     (1 - a) LSE(-neg_i. / tau, -pos_i / tau))`` with ``a = 1/2``, averaged."""
     import torch
 
@@ -157,8 +157,8 @@ def dcodr_dense(z, z_aug, domains, tau: float):
 
 
 def mixup_official(queries, keys, envs, partners, lams, tau: float, penalty_weight: float):
-    """IP-IRM's MixUp minimisation term of one partition (spec section 8): for every
-    environment ``k``, its queries (the next ``len(partners[k])`` rows of ``queries``, as from
+    """IP-IRM's MixUp minimisation term of one partition (docs/official-ipirm.md#mixup): for
+    every environment ``k``, its queries (the next ``len(partners[k])`` rows of ``queries``, as from
     the forward of its re-mixed subset) against the keys of its members (``envs == k``),
     ``S = q k^T / tau`` scaled by a dummy ``s = ones(1, b_k)``, ``L_k = lam_k CE(S s, i) +
     (1 - lam_k) CE(S s, partner(i))`` and ``R_k = ||dL_k/ds||^2`` through

@@ -15,9 +15,9 @@ from fastipirm.losses import clica_infonce
 
 
 def official_clica_loss(h, h_pos, p, tau):
-    """CL-ICA's training loss as the official ``main_mlp.py`` builds it (spec B2), written
-    literally: the negatives of anchor i are every anchor of the batch, itself included; L_p^p
-    distances (``LpSimCLRLoss``) or, for p = 0, dot products (``SimCLRLoss``)."""
+    """CL-ICA's training loss as the official ``main_mlp.py`` builds it (docs/clica.md#loss),
+    written literally: the negatives of anchor i are every anchor of the batch, itself included;
+    L_p^p distances (``LpSimCLRLoss``) or, for p = 0, dot products (``SimCLRLoss``)."""
     losses = []
     for i in range(h.shape[0]):
         if p == 0:

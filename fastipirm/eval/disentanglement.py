@@ -1,7 +1,7 @@
 """Disentanglement scores of CL-ICA (Zimmermann et al. 2021): linear R² and MCC.
 
 The definitions follow the official ``disentanglement_utils.py`` as used by ``main_mlp.py``
-(``docs/dcodr-clica-spec.md`` Part B §B3), reimplemented in float64 torch:
+(``docs/clica.md#metrics``), reimplemented in float64 torch:
 
 * :func:`linear_r2`: an affine least-squares map from the encoding ``h`` (N, m) to the true
   latents ``z`` (N, n) is fitted and scored **on the same samples** (officially
