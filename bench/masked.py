@@ -105,8 +105,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def clica_official(h, h_pos, p: int, tau: float):
     """CL-ICA's ``LpSimCLRLoss`` (docs/clica.md#loss): the distances ``||h_i - c_j||_p^p`` to
     the batch rolled by one (so every anchor, itself included, is a negative) through the
-    materialised B x B x n difference tensor, its norm and power; the per-anchor loss ``2 (a pos_i / tau +
-    (1 - a) LSE(-neg_i. / tau, -pos_i / tau))`` with ``a = 1/2``, averaged."""
+    materialised B x B x n difference tensor, its norm and power; the per-anchor loss
+    ``2 (a pos_i / tau + (1 - a) LSE(-neg_i. / tau, -pos_i / tau))`` with ``a = 1/2``,
+    averaged."""
     import torch
 
     candidates = torch.roll(h, shifts=1, dims=0)
