@@ -14,6 +14,12 @@ the stride of a bottleneck sits on its 3x3 conv; projection shortcuts are 1x1 co
 Module names equal torchvision's, so ``encoder.state_dict()`` loads into a torchvision ResNet whose
 conv1 was replaced the same way (with ``strict=False`` for the absent fc). ``width`` (default 64,
 the official value) scales every layer's channels; smaller values are for quick CPU runs only.
+
+``stem="imagenet"`` gives torchvision's own stem instead (``conv1`` 7x7 stride 2 padding 3, BN,
+ReLU, ``maxpool`` 3x3 stride 2 padding 1; total stride 32, conv1 Kaiming-initialised like every
+other conv), the encoder of CL-ICA's 3DIdent and of DCoDR (``torchvision.models.resnet18/50``
+without fc); its ``state_dict`` loads into torchvision's model unchanged (``strict=False``).
+``in_channels`` sets conv1's input channels (3 by default).
 """
 from __future__ import annotations
 
@@ -74,13 +80,30 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+STEMS = ("small", "imagenet")
+
+
 class ResNet(nn.Module):
-    """Small-image ResNet encoder: ``forward(x (N, 3, H, W)) -> h (N, out_dim)``, unnormalised."""
+    """ResNet encoder: ``forward(x (N, C, H, W)) -> h (N, out_dim)``, unnormalised; the official
+    IP-IRM small-image stem by default, torchvision's with ``stem="imagenet"``."""
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck],
-                 layers: tuple[int, int, int, int], width: int = 64):
+                 layers: tuple[int, int, int, int], width: int = 64, *, stem: str = "small",
+                 in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
+        self.stem = stem
+        if stem == "small":
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1,
+                                   bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3,
+                                   bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self._cin = width
@@ -92,7 +115,7 @@ class ResNet(nn.Module):
         self.out_dim = width * 8 * block.expansion
         del self._cin
         for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module is not self.conv1:
+            if isinstance(module, nn.Conv2d) and (module is not self.conv1 or stem != "small"):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
@@ -109,19 +132,21 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
 
-def resnet18(width: int = 64) -> ResNet:
-    """ResNet-18 encoder, 512-d output at the default width."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), width)
+def resnet18(width: int = 64, **kwargs) -> ResNet:
+    """ResNet-18 encoder, 512-d output at the default width (``stem``, ``in_channels``: see
+    :class:`ResNet`)."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), width, **kwargs)
 
 
-def resnet50(width: int = 64) -> ResNet:
-    """ResNet-50 encoder, 2048-d output at the default width."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), width)
+def resnet50(width: int = 64, **kwargs) -> ResNet:
+    """ResNet-50 encoder, 2048-d output at the default width (``stem``, ``in_channels``: see
+    :class:`ResNet`)."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), width, **kwargs)
 
 
 ARCHS = {"resnet18": resnet18, "resnet50": resnet50}
