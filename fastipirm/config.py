@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .atomic import atomic_write_text
-from .data import DATASETS, GENERATIVE, PIPELINES
+from .data import DATASETS, PIPELINES
+from .data.clica_sources import CLICA_IMAGE_DATA, CLICA_SOURCES
 from .data.synthetic import DISCRETE_FACTORS
 from .methods import METHODS
 from .models import ARCHS, MLP_ARCHS
+from .models.clica_image_encoders import CLICA_IMAGE_ARCHS
 from .ops import PENALTIES
 from .ops.backends import BACKENDS
 from .runtime import AMP_MODES
@@ -126,7 +128,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = key("stl10", one_of(DATASETS, GENERATIVE))  # latent_mixing: CL-ICA ([clica])
+    name: str = key("stl10", one_of(DATASETS, CLICA_SOURCES))  # latent_mixing, threedident,
+                                         # kitti_masks: CL-ICA's ([clica])
     root: str = "data"
     split: str = "train+unlabeled"       # pretraining (and partition) split
     memory_split: str = "train"          # labelled split: kNN memory and linear-probe training
@@ -157,7 +160,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = key("resnet50", one_of(ARCHS, MLP_ARCHS))  # clica_mlp: CL-ICA's MLP encoder
+    arch: str = key("resnet50", one_of(ARCHS, MLP_ARCHS, CLICA_IMAGE_ARCHS))  # clica_*: CL-ICA's
+                                         # encoders (MLP; 3DIdent's ResNets; KITTI's conv net)
     feature_dim: int = key(128, positive)  # official --feature_dim
     width: int = key(64, positive)       # base channel width of the ResNet (official 64)
     hidden_dim: int = key(512, positive)  # projection head hidden width (official 512)
@@ -239,9 +243,10 @@ CLICA_METHODS = ("clica", "clica_supervised")
 
 @dataclass
 class ClicaConfig:
-    """CL-ICA's MLP-mixing experiment (``method.name = "clica"`` or its supervised baseline
-    ``"clica_supervised"``, ``data.name = "latent_mixing"``); the official ``main_mlp.py`` flags
-    map to these keys as ``docs/clica.md#flags`` tabulates."""
+    """CL-ICA (``method.name = "clica"`` or its supervised baseline ``"clica_supervised"``) on
+    ``data.name = "latent_mixing"`` (the MLP-mixing experiment), ``"threedident"`` or
+    ``"kitti_masks"``; the official ``main_mlp.py``, ``main_3dident.py`` and ``main_kitti.py``
+    flags map to these keys as ``docs/clica.md#flags`` tabulates."""
 
     n: int = key(10, positive)           # --n: latent dimensions
     space: str = key("box", one_of(("box", "sphere", "unbounded")))  # --space-type
@@ -262,27 +267,56 @@ class ClicaConfig:
                                          # condition numbers (official 0.0: the minimum)
     p: float = key(2.0, non_negative)    # --p: 0 the dot product on the sphere, else L_p^p
     output_norm: str = key("auto", one_of(("auto", "none", "fixed_sphere", "learnable_sphere",
-                                           "box")))  # encoder output (auto: fixed_sphere when
-                                         # p = 0, else none; --sphere-norm, --box-norm)
+                                           "box", "fixed_box")))  # encoder output (auto:
+                                         # fixed_sphere when p = 0, else none; --sphere-norm,
+                                         # --box-norm; box: a learnable box)
     steps_per_epoch: int = key(250, positive)  # --n-log-steps: an epoch is one logging interval
     eval_samples: int = key(4096, positive)    # fresh samples of the R2/MCC at each epoch's end
     num_eval_batches: int = key(10, positive)  # --num-eval-batches of the final scores
 
+    # image data (3DIdent, KITTI Masks; docs/clica.md#image-data)
+    latents: str = key("box", one_of(("box", "periodic")))  # 3DIdent's latent space: box (official
+                                         # --non-periodic-rotation-and-color) | periodic
+                                         # (position in the box, the rest on a sphere)
+    latent_dims: list[int] = key([])     # 3DIdent's used latent columns (official
+                                         # latent_dimensions_to_use; empty: all)
+    normalize_images: bool = True        # 3DIdent: the official per-channel mean/std
+    workers: int = key(4, positive)      # 3DIdent: threads decoding a batch's PNG files
+    kitti_max_delta_t: int = key(5, positive)  # KITTI Masks: largest frame gap of a pair
+    kitti_augment: bool = True           # KITTI Masks: the official training transform
+
     def check(self, cfg: "Config") -> Optional[str]:
-        generated, mlp = cfg.data.name in GENERATIVE, cfg.model.arch in MLP_ARCHS
+        data, arch = cfg.data.name, cfg.model.arch
+        clica_data = data in CLICA_SOURCES
+        clica_arch = arch in MLP_ARCHS or arch in CLICA_IMAGE_ARCHS
         method = cfg.method.name
         if method not in CLICA_METHODS:
-            if generated or mlp:
+            if clica_data or clica_arch:
                 return (f"method.name: {method!r} trains on images; data.name "
-                        f"{cfg.data.name!r} and model.arch {cfg.model.arch!r} are CL-ICA's "
+                        f"{data!r} and model.arch {arch!r} are CL-ICA's "
                         f"(method.name = one of {', '.join(CLICA_METHODS)})")
             return None
-        if not generated:
-            return f'data.name: method {method} trains on data.name = "latent_mixing", got ' \
-                   f'{cfg.data.name!r}'
-        if not mlp:
-            return f'model.arch: method {method} trains model.arch = "clica_mlp", got ' \
-                   f'{cfg.model.arch!r}'
+        if not clica_data:
+            return (f"data.name: method {method} trains on one of {', '.join(CLICA_SOURCES)}, "
+                    f"got {data!r}")
+        wanted = {"latent_mixing": MLP_ARCHS, "threedident": ("clica_resnet18", "clica_resnet50"),
+                  "kitti_masks": ("clica_kitti_conv",)}[data]
+        if arch not in wanted:
+            return (f"model.arch: data.name = {data!r} is encoded by model.arch = one of "
+                    f"{', '.join(wanted)}, got {arch!r}")
+        if data in CLICA_IMAGE_DATA:
+            if self.p not in (1, 2, 3):
+                return (f"clica.p: the image experiments train the L1, L2 or L3 InfoNCE (p = 1, "
+                        f"2 or 3; the official vMF/cosine choice is not supported), got {self.p}")
+            if data == "threedident" and self.c_p not in (1, 2, 3):
+                return (f"clica.c_p: 3DIdent's conditional is Laplace (1), Normal (2) or the "
+                        f"generalised normal with exponent 3 (3), got {self.c_p}")
+            if self.output_norm == "auto":
+                return ('clica.output_norm: the image encoders take "none", "box", "fixed_box", '
+                        '"fixed_sphere" or "learnable_sphere" explicitly')
+        if data == "threedident" and self.latents == "periodic" and self.n <= 3:
+            return f"clica.n: the periodic 3DIdent space has 3 position dimensions and more; " \
+                   f"got n = {self.n}"
         if cfg.run.compare_baseline or cfg.run.compare_random:
             return ("run.compare_baseline / run.compare_random: the SimCLR baseline and the kNN "
                     "of the untrained network do not apply to CL-ICA; its baseline is "
@@ -297,6 +331,11 @@ class ClicaConfig:
         if self.m_p == 0 and self.space == "unbounded":
             return "clica.m_p = 0 (uniform) is not defined on clica.space = \"unbounded\""
         return None
+
+    def periodic_dims(self, data_name: str) -> int:
+        """Code dimensions on the sphere of 3DIdent's periodic parametrisation (all but the 3
+        position dimensions), else 0."""
+        return self.n - 3 if data_name == "threedident" and self.latents == "periodic" else 0
 
     @property
     def encoder_norm(self) -> str:

@@ -22,9 +22,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .data import (GENERATIVE, LatentMixing, LatentPairBatches, TwoViewAugment, TwoViewBatches,
-                   choose_pipeline, load_dataset)
+from .data import (LatentPairBatches, TwoViewAugment, TwoViewBatches, choose_pipeline,
+                   load_dataset)
+from .data.clica_sources import CLICA_SOURCES, load_pair_source
 from .models import MLP_ARCHS, MLPEncoder, SimCLRModel, load_pretrained
+from .models.clica_image_encoders import CLICA_IMAGE_ARCHS, KittiConvEncoder, ResNetLatentEncoder
 
 AMP_MODES = ("bf16", "fp16", "none")
 
@@ -87,8 +89,14 @@ def run_dir(cfg) -> Path:
 def build_model(cfg) -> SimCLRModel:
     """The network of ``cfg.model`` (on the CPU, freshly initialised)."""
     m = cfg.model
+    c = cfg.clica
     if m.arch in MLP_ARCHS:
-        return MLPEncoder(cfg.clica.n, output_norm=cfg.clica.encoder_norm)
+        return MLPEncoder(c.n, output_norm=c.encoder_norm)
+    if m.arch == "clica_kitti_conv":
+        return KittiConvEncoder(c.n, norm=c.encoder_norm)
+    if m.arch in CLICA_IMAGE_ARCHS:
+        return ResNetLatentEncoder(c.n, m.arch, norm=c.encoder_norm,
+                                   periodic=c.periodic_dims(cfg.data.name), width=m.width)
     return SimCLRModel(arch=m.arch, feature_dim=m.feature_dim, width=m.width,
                        hidden_dim=m.hidden_dim)
 
@@ -113,8 +121,13 @@ def training_model(cfg, device: torch.device, *, resuming: bool,
 def load_split(cfg, split: str):
     """``fastipirm.data.load_dataset`` for one split; failures become :class:`DataUnavailable`."""
     d = cfg.data
-    if d.name in GENERATIVE:                  # generated on the fly: no split, no files
-        return LatentMixing(cfg.clica, cfg.run.seed)
+    if d.name in CLICA_SOURCES:               # CL-ICA: a source of positive pairs
+        try:
+            return load_pair_source(cfg)
+        except (OSError, ValueError, EOFError, KeyError) as exc:
+            raise DataUnavailable(f"cannot load CL-ICA data {d.name!r} from {d.root!r} "
+                                  f"(config keys data.root, data.split, [clica]): {exc}"
+                                  ) from None
     kwargs = {}
     if d.name == "synthetic":
         count = d.num_samples if split == d.split else d.eval_num_samples
@@ -143,7 +156,7 @@ def load_eval_splits(cfg, train_set, log: Callable[[str], None] = print):
     """``(memory, test)`` splits of the evaluation (kNN memory / probe training, queries / probe
     test), or ``(None, None)`` when no evaluation is configured or the splits have no labels."""
     ev, d = cfg.eval, cfg.data
-    if d.name in GENERATIVE or not (ev.knn_every > 0 or ev.linear_at_end):
+    if d.name in CLICA_SOURCES or not (ev.knn_every > 0 or ev.linear_at_end):
         return None, None
     memory = train_set if d.memory_split == d.split else load_split(cfg, d.memory_split)
     test = load_split(cfg, d.test_split)
@@ -163,8 +176,8 @@ def augmentation(cfg, device: torch.device) -> TwoViewAugment:
 def training_views(cfg, train_set, device: torch.device,
                    generator: Optional[torch.Generator]) -> TwoViewBatches:
     """The two-view batches of ``cfg`` (``train.batch_size``, ``data.pipeline``, crop options);
-    for generated data, its fresh pairs on ``device``."""
-    if cfg.data.name in GENERATIVE:
+    for CL-ICA's data, its fresh pairs on ``device``."""
+    if cfg.data.name in CLICA_SOURCES:
         return LatentPairBatches(train_set.to(device), cfg.train.batch_size,
                                  cfg.clica.steps_per_epoch, cfg.run.seed)
     n, batch = len(train_set.images), cfg.train.batch_size

@@ -34,7 +34,7 @@ import torch
 from . import runtime
 from .checkpoint import CHECKPOINT, FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .config import Config, write_config
-from .data import GENERATIVE
+from .data.clica_sources import CLICA_SOURCES
 from .eval import RunEvaluation, evaluate_initialisation
 from .eval.linear import HISTORY_FIELDS
 from .methods import METHODS, MethodContext, build_method
@@ -84,7 +84,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         progress=lambda total, desc: progress_bar(cfg.run.progress, total, desc)))
     evaluation = RunEvaluation(cfg, memory_set, test_set, device=device, autocast=autocast,
                                augment=views.augment, log=log,
-                               source=train_set if cfg.data.name in GENERATIVE else None)
+                               source=train_set if cfg.data.name in CLICA_SOURCES else None)
 
     # 4. resume, or the method's start -------------------------------------------------------------
     start_epoch, step, history = 0, 0, []

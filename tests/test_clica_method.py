@@ -116,7 +116,11 @@ def tiny(tmp_path, epochs=6, steps=50, plot=False, seed=0, sets=()):
 
 @pytest.mark.parametrize("sets, message", [
     (["data.name=stl10"], "data.name: method clica trains on"),
-    (["model.arch=resnet18"], "model.arch: method clica trains"),
+    (["model.arch=resnet18"], "model.arch: data.name = .latent_mixing. is encoded by"),
+    (["model.arch=clica_resnet18"], "clica_mlp, got .clica_resnet18."),
+    (["data.name=threedident", "model.arch=clica_resnet18", "clica.p=0"], "clica.p: the image"),
+    (["data.name=kitti_masks", "model.arch=clica_kitti_conv", "clica.output_norm=auto"],
+     "clica.output_norm: the image encoders"),
     (["method.name=ipirm"], "method.name: 'ipirm' trains on images"),
     (["clica.c_p=0"], "von Mises-Fisher"),
     (["clica.space=unbounded", "clica.m_p=0"], "uniform"),
@@ -140,6 +144,13 @@ def test_the_shipped_clica_configs_load():
         cfg = load_config(f"configs/clica/{name}.toml")
         assert cfg.clica.n == 10 and cfg.train.batch_size == 6144
         assert cfg.train.epochs * cfg.clica.steps_per_epoch == 300_000
+    cfg = load_config("configs/clica/threedident_box_normal.toml")
+    assert (cfg.data.name, cfg.model.arch, cfg.train.batch_size) == ("threedident",
+                                                                     "clica_resnet18", 512)
+    assert cfg.train.epochs * cfg.clica.steps_per_epoch == 30_000
+    cfg = load_config("configs/clica/kitti_masks_laplace_box.toml")
+    assert (cfg.data.name, cfg.model.arch, cfg.clica.p) == ("kitti_masks", "clica_kitti_conv", 1)
+    assert cfg.train.epochs * cfg.clica.steps_per_epoch == 300_000
 
 
 # ---------------------------------------------------------------- training runs

@@ -24,6 +24,7 @@ URL) and malformed ones ``ValueError`` (naming the file and the offending key or
 """
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import Optional
@@ -217,3 +218,104 @@ class KittiMasks(torch.utils.data.Dataset):
         partners = self.pair_indices(idx, generator)
         return (self.frames_at(rows), self.frames_at(partners), self.latents[rows],
                 self.latents[partners])
+
+
+#: the official training transform: a rotation by exactly this many degrees (torchvision
+#: ``RandomAffine(degrees=(2, 2))``), a translation of up to this fraction of the size per axis,
+#: then a horizontal flip with probability 1/2; both frames of a pair get the same draw
+AUGMENT_DEGREES = 2.0
+AUGMENT_TRANSLATE = 5 / 64.0
+
+
+def augment_pairs(x: torch.Tensor, x_pos: torch.Tensor, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official KITTI Masks training transform on a batch of pairs, on their device.
+
+    ``x``, ``x_pos``: float (B, 1, H, W). Each pair gets one draw: integer shifts
+    ``tx = round(U(-5, 5))`` and ``ty`` (pixels, for 64 px; :data:`AUGMENT_TRANSLATE` of the
+    size), and a horizontal flip with probability 1/2 (:func:`affine_pairs`).
+    """
+    b, _, h, w = x.shape
+    shift = torch.rand(b, 2, generator=generator, device=x.device) * 2 - 1
+    tx = torch.round(shift[:, 0] * (AUGMENT_TRANSLATE * w))
+    ty = torch.round(shift[:, 1] * (AUGMENT_TRANSLATE * h))
+    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+    return affine_pairs(x, x_pos, tx, ty, flip)
+
+
+def affine_pairs(x: torch.Tensor, x_pos: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
+                 flip: torch.Tensor, degrees: float = AUGMENT_DEGREES
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each pair by ``degrees`` clockwise about the image centre and shift it by
+    ``(tx[b], ty[b])`` pixels (nearest-neighbour resampling, zero fill), then mirror the pairs
+    with ``flip[b]``; both frames of a pair move together."""
+    b, _, h, w = x.shape
+    if h != w:
+        raise ValueError(f"the KITTI Masks transform takes square frames, got {h} x {w}")
+    dev = x.device
+    a = math.radians(degrees)
+    cos, sin = math.cos(a), math.sin(a)
+    # output -> input map in normalised coordinates (y down): p_in = R^-1 (p_out - t)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, sin
+    theta[:, 1, 0], theta[:, 1, 1] = -sin, cos
+    t = torch.stack([tx * 2 / w, ty * 2 / h], 1).to(x.dtype)
+    theta[:, :, 2] = -(theta[:, :, :2] @ t.unsqueeze(-1)).squeeze(-1)
+    grid = torch.nn.functional.affine_grid(theta, [b, 2, h, w], align_corners=False)
+    both = torch.nn.functional.grid_sample(torch.cat([x, x_pos], 1), grid, mode="nearest",
+                                           padding_mode="zeros", align_corners=False)
+    both = torch.where(flip.view(b, 1, 1, 1), both.flip(-1), both)
+    return both[:, :1], both[:, 1:]
+
+
+class KittiPairs:
+    """The CL-ICA pair source of KITTI Masks (``data.name = "kitti_masks"``): each batch draws
+    ``batch`` anchors uniformly with replacement, their forward partners
+    (:meth:`KittiMasks.pair_indices`' rule) and, with ``augment``, the official training
+    transform (:func:`augment_pairs`). Everything lives and is drawn on ``device``. The scores use
+    un-augmented anchor frames drawn without replacement (the evaluation's sampler).
+    """
+
+    raw_scores = False
+
+    def __init__(self, dataset: KittiMasks, *, augment: bool = True, device="cpu"):
+        self.dataset, self.augment = dataset, augment
+        self.n = dataset.latents.shape[1]
+        self.to(device)
+
+    def to(self, device) -> "KittiPairs":
+        self.device = torch.device(device)
+        d = self.dataset
+        self._frames = d.frames.to(self.device)
+        self._latents = d.latents.to(self.device, torch.float32)
+        self._anchor_rows = d.anchor_rows.to(self.device)
+        self._last_rows = d.anchor_last_rows.to(self.device)
+        return self
+
+    @property
+    def generator_device(self) -> torch.device:
+        return self.device
+
+    def _frames_at(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._frames[rows].unsqueeze(1).to(torch.float32)
+
+    def pair_batch(self, batch: int, generator: torch.Generator):
+        """``(z, x, x~)``: the anchors' latents (com vertical, com horizontal, area) and both
+        frames, float32 (B, 1, H, W) with values in [0, 1]."""
+        idx = torch.randint(0, len(self.dataset), (batch,), generator=generator,
+                            device=self.device)
+        steps = torch.randint(1, self.dataset.max_delta_t + 1, (batch,), generator=generator,
+                              device=self.device)
+        rows = self._anchor_rows[idx]
+        partners = torch.minimum(rows + steps, self._last_rows[idx])
+        x, x_pos = self._frames_at(rows), self._frames_at(partners)
+        if self.augment:
+            x, x_pos = augment_pairs(x, x_pos, generator)
+        return self._latents[rows], x, x_pos
+
+    def eval_batch(self, batch: int, generator: torch.Generator):
+        """``(x, z)`` of ``min(batch, anchors)`` distinct anchor frames, un-augmented."""
+        n = len(self.dataset)
+        idx = torch.randperm(n, generator=generator, device=self.device)[:min(batch, n)]
+        rows = self._anchor_rows[idx]
+        return self._frames_at(rows), self._latents[rows]

@@ -31,6 +31,8 @@ class LatentMixing:
 
     images = None
     labels = None
+    #: the raw observations g(z) are scored once for reference (how nonlinear the mixing is)
+    raw_scores = True
 
     def __init__(self, clica, seed: int, device="cpu"):
         self.cfg, self.device = clica, torch.device(device)
@@ -63,23 +65,41 @@ class LatentMixing:
         """The observations ``g(z)``."""
         return self.mixing(z)
 
+    @property
+    def generator_device(self) -> torch.device:
+        """Where the sampling generators live (the sampling runs on the device)."""
+        return self.device
+
+    def pair_batch(self, batch: int, generator: torch.Generator):
+        """One training step's ``(z, g(z), g(z~))``."""
+        z, zt = self.sample(batch, generator)
+        return z, self.observe(z), self.observe(zt)
+
+    def eval_batch(self, batch: int, generator: torch.Generator):
+        """``(x, z)`` of ``batch`` fresh latents for the R²/MCC scores."""
+        z, _ = self.sample(batch, generator)
+        return self.observe(z), z
+
 
 class LatentPairBatches:
     """The loop's training views of a CL-ICA run: ``len()`` steps per epoch, each
-    ``(z, g(z), g(z~))`` of ``batch`` fresh pairs (the latents stand where image data has the
-    samples' indices: they are what identifies a generated sample; the supervised baseline
-    regresses on them)."""
+    ``(z, x, x~)`` of ``batch`` fresh positive pairs from a pair source (:class:`LatentMixing`,
+    :class:`fastipirm.data.threedident.ThreeDIdentPairs`,
+    :class:`fastipirm.data.kitti_masks.KittiPairs`: anything with ``device`` and
+    ``pair_batch(batch, generator)``). The latents stand where image data has the samples'
+    indices: they are what identifies a sample; the supervised baseline regresses on them. The
+    samples of an epoch come from a generator seeded by (run seed, epoch)."""
 
     augment = None
 
-    def __init__(self, data: LatentMixing, batch: int, steps_per_epoch: int, seed: int):
+    def __init__(self, data, batch: int, steps_per_epoch: int, seed: int):
         self.data, self.batch, self.steps, self.seed = data, batch, steps_per_epoch, seed
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        gen = derived_generator(self.seed, Stream.LATENT_PAIRS, epoch, device=self.data.device)
+        gen = derived_generator(self.seed, Stream.LATENT_PAIRS, epoch,
+                                device=self.data.generator_device)
         for _ in range(self.steps):
-            z, zt = self.data.sample(self.batch, gen)
-            yield z, self.data.observe(z), self.data.observe(zt)
+            yield self.data.pair_batch(self.batch, gen)

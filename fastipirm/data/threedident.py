@@ -277,3 +277,125 @@ class ThreeDIdent(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"ThreeDIdent(folder={self.folder!r}, n={len(self)}, "
                 f"latent_dims={self.latent_dims})")
+
+
+#: per-channel mean and std of the 3DIdent images (the official training transform normalises
+#: with these after scaling to [0, 1])
+IMAGE_MEAN = (0.3292, 0.3278, 0.3215)
+IMAGE_STD = (0.0778, 0.0776, 0.0771)
+#: the latent parametrisations of the official ``main_3dident.py``
+LATENT_KINDS = ("box", "periodic")
+#: columns of the object position (the non-periodic latents of the "periodic" parametrisation)
+POSITION_DIMS = 3
+
+
+class ThreeDIdentPairs:
+    """The CL-ICA pair source of 3DIdent (``data.name = "threedident"``): the official
+    ``ThreeDIdentDataset`` as a batch sampler.
+
+    Every batch samples ``(z, z~)`` in the latent space and takes the nearest rendered latents
+    and their images (:meth:`ThreeDIdent.sample_pair_indices`). The latent space is
+
+    - ``kind="box"`` (official ``--non-periodic-rotation-and-color``, the paper's headline
+      setting): every used column in the box ``[box_min, box_max]`` (official [-1, 1]), uniform
+      marginal, conditional ``conditional`` (``"normal"``, ``"laplace"``, ``"gennorm"``) with
+      scale ``sigma`` truncated to the box;
+    - ``kind="periodic"``: the first :data:`POSITION_DIMS` columns as above, the remaining ones
+      a point on the unit sphere (rotations and hues), uniform marginal and a von Mises-Fisher
+      conditional with ``kappa = 1 / sigma``. This needs the data set rendered with that
+      parametrisation (one more latent column than the box release).
+
+    Images are scaled to [0, 1] and normalised with :data:`IMAGE_MEAN`/:data:`IMAGE_STD`, as
+    the official transform, and put on ``device``; the matching and the loading run on the CPU
+    (``workers`` threads decode the PNG files of a batch).
+    """
+
+    raw_scores = False          # images: a linear fit of raw pixels says nothing
+
+    def __init__(self, dataset: ThreeDIdent, *, kind: str = "box", conditional: str = "normal",
+                 conditional_p: Optional[float] = None, sigma: float = 0.1,
+                 box_min: float = -1.0, box_max: float = 1.0, normalize: bool = True,
+                 device="cpu", workers: int = 4):
+        from .latents import LatentSpace
+
+        if kind not in LATENT_KINDS:
+            raise ValueError(f"kind must be one of {LATENT_KINDS}, got {kind!r}")
+        if conditional not in ("normal", "laplace", "gennorm"):
+            raise ValueError(f"conditional must be normal, laplace or gennorm, got "
+                             f"{conditional!r}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        d = dataset.latents.shape[1]
+        self.dataset, self.kind, self.sigma = dataset, kind, float(sigma)
+        self.conditional, self.conditional_p = conditional, conditional_p
+        self.normalize, self.workers = normalize, max(1, int(workers))
+        self.device = torch.device(device)
+        if kind == "box":
+            self.non_periodic = d
+            self.box = LatentSpace("box", d, box_min, box_max)
+            self.sphere = None
+        else:
+            if d < POSITION_DIMS + 2:
+                raise ValueError(f"the periodic parametrisation needs {POSITION_DIMS} position "
+                                 f"columns and at least 2 sphere columns; the data set uses "
+                                 f"{d} latent columns {dataset.latent_dims}")
+            self.non_periodic = POSITION_DIMS
+            self.box = LatentSpace("box", POSITION_DIMS, box_min, box_max)
+            self.sphere = LatentSpace("sphere", d - POSITION_DIMS)
+        self.n = d
+
+    @property
+    def generator_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to(self, device) -> "ThreeDIdentPairs":
+        self.device = torch.device(device)
+        return self
+
+    def _sample(self, batch: int, generator: torch.Generator, pair: bool):
+        """Latents (z, z~ or None) in the space, on the CPU."""
+        z = self.box.sample_marginal(batch, generator=generator, device="cpu")
+        zt = None
+        if pair:
+            zt = self.box.sample_conditional(z, self.conditional, self.sigma, self.conditional_p,
+                                             generator=generator)
+        if self.sphere is not None:
+            s = self.sphere.sample_marginal(batch, generator=generator, device="cpu")
+            z = torch.cat([z, s], 1)
+            if pair:
+                st = self.sphere.sample_conditional(s, "vmf", 1.0 / self.sigma,
+                                                    generator=generator)
+                zt = torch.cat([zt, st], 1)
+        return z, zt
+
+    def images(self, rows: torch.Tensor) -> torch.Tensor:
+        """The images of ``rows`` as float32 (B, 3, H, W) on the device, normalised."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        idx = rows.tolist()
+        if self.workers > 1 and len(idx) > 1:
+            with ThreadPoolExecutor(min(self.workers, len(idx))) as pool:
+                imgs = list(pool.map(self.dataset.load_image, idx))
+        else:
+            imgs = [self.dataset.load_image(i) for i in idx]
+        x = torch.stack(imgs).to(self.device, non_blocking=True)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if self.normalize:
+            mean = torch.tensor(IMAGE_MEAN, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGE_STD, device=self.device).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        return x
+
+    def pair_batch(self, batch: int, generator: torch.Generator):
+        """``(z, x, x~)``: the rendered latents of the anchors and both images."""
+        z, zt = self._sample(batch, generator, pair=True)
+        i = self.dataset.nearest_indices(z)
+        it = self.dataset.nearest_indices(zt, exclude=i)
+        return (self.dataset.latents[i].to(self.device), self.images(i), self.images(it))
+
+    def eval_batch(self, batch: int, generator: torch.Generator):
+        """``(x, z)`` of ``batch`` anchors drawn as in training (the official scores the codes
+        of fresh training samples)."""
+        z, _ = self._sample(batch, generator, pair=False)
+        i = self.dataset.nearest_indices(z)
+        return self.images(i), self.dataset.latents[i].to(self.device)
