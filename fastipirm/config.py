@@ -2,7 +2,7 @@
 
 A config has the tables ``[run]``, ``[data]``, ``[model]``, ``[train]``, ``[method]``, ``[op]``,
 ``[eval]``, and one table per method with knobs of its own: ``[ipirm]`` and ``[partition]``
-(IP-IRM's maximisation step), ``[clica]`` (CL-ICA's MLP-mixing experiment). Every key is a
+(IP-IRM's maximisation step), ``[clica]`` (CL-ICA), ``[dcodr]`` (DCoDR). Every key is a
 field below with its default, its checks beside it (:func:`key`) and a comment. Unknown tables
 or keys and values of the wrong type are ``ValueError``s that name the key
 (``train.bach_size: unknown key``); a key that moved names its new place. ``--set
@@ -28,10 +28,12 @@ from typing import Any, Callable, Optional
 from .atomic import atomic_write_text
 from .data import DATASETS, PIPELINES
 from .data.clica_sources import CLICA_IMAGE_DATA, CLICA_SOURCES
+from .data.domain_batches import DOMAIN_METHODS
 from .data.synthetic import DISCRETE_FACTORS
 from .methods import METHODS
 from .models import ARCHS, MLP_ARCHS
 from .models.clica_image_encoders import CLICA_IMAGE_ARCHS
+from .models.dcodr_encoder import DCODR_ARCHS
 from .ops import PENALTIES
 from .ops.backends import BACKENDS
 from .runtime import AMP_MODES
@@ -156,12 +158,15 @@ class DataConfig:
     num_colors: int = key(0, non_negative)                # foreground colours in use
     num_backgrounds: int = key(0, non_negative)           # background colours in use
     shading: Optional[float] = key(None, non_negative)    # strongest background shading
+    domain_factor: str = ""              # DCoDR: the factor used as the domain (e.g. the
+                                         # synthetic data's "background"; "": the data set's own)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = key("resnet50", one_of(ARCHS, MLP_ARCHS, CLICA_IMAGE_ARCHS))  # clica_*: CL-ICA's
-                                         # encoders (MLP; 3DIdent's ResNets; KITTI's conv net)
+    arch: str = key("resnet50", one_of(ARCHS, MLP_ARCHS, CLICA_IMAGE_ARCHS, DCODR_ARCHS))
+                                         # clica_*: CL-ICA's encoders (MLP; 3DIdent's ResNets;
+                                         # KITTI's conv net); dcodr_resnet50: DCoDR's encoder
     feature_dim: int = key(128, positive)  # official --feature_dim
     width: int = key(64, positive)       # base channel width of the ResNet (official 64)
     hidden_dim: int = key(512, positive)  # projection head hidden width (official 512)
@@ -184,6 +189,12 @@ class TrainConfig:
     weight_decay: float = key(1e-6, non_negative)
     temperature: float = key(0.5, positive)  # tau of the contrastive loss
     amp: str = key("bf16", one_of(AMP_MODES))  # bf16 | fp16 | none (always none on CPU)
+    betas: list[float] = key([0.9, 0.999])  # Adam's betas (DCoDR's official: 0.5, 0.999)
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            return f"train.betas: two numbers in [0, 1), got {self.betas}"
+        return None
 
 
 @dataclass
@@ -347,6 +358,52 @@ class ClicaConfig:
 
 
 @dataclass
+class DcodrConfig:
+    """DCoDR and DCoDR-norec (``method.name`` ``"dcodr"``, ``"dcodr_norec"``); the official
+    flags map to these keys as ``docs/dcodr.md#flags`` tabulates."""
+
+    domains_per_batch: int = key(4, positive)    # --num-b-cls
+    samples_per_domain: int = key(32, positive)  # --num-b-cls-samp
+    domain_negatives: bool = True        # --class-negs: negatives only from the anchor's domain
+    positives: bool = True               # --num-pos 1 (false: the no-positives ablation)
+    lr_step_epochs: int = key(30, positive)  # StepLR every this many epochs (stepped per batch)
+    lr_gamma: float = key(0.33, positive)    # its factor
+    reconstruction_weight: float = key(0.3, non_negative)  # --reconstruction-decay (dcodr)
+    generator_lr: float = key(3e-4, positive)  # the generator's Adam lr (dcodr)
+    embedding_lr: float = key(3e-3, positive)  # the domain embeddings' lr (dcodr)
+    embedding_dim: int = key(256, positive)    # the domain embedding (dcodr)
+    generator_width: int = key(256, positive)  # the generator's channels (official 256)
+    vgg_path: str = ""                   # torchvision's vgg16-397923af.pth (dcodr)
+    init: str = key("moco", one_of(("moco", "random")))  # the dcodr_resnet50 encoder's start
+    moco_path: str = ""                  # moco_v2_800ep_pretrain.pth.tar (init = "moco")
+    content_dim: int = key(128, positive)  # the code (dcodr_resnet50)
+    fc_head: bool = False                # --use-fc-head: 3 x Linear(128, 128) (SmallNorb)
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        if cfg.method.name not in DOMAIN_METHODS:
+            if cfg.model.arch in DCODR_ARCHS:
+                return (f"model.arch: {cfg.model.arch!r} is DCoDR's encoder (method.name = "
+                        f"one of {', '.join(DOMAIN_METHODS)})")
+            return None
+        if cfg.data.name in CLICA_SOURCES:
+            return f"data.name: {cfg.data.name!r} is CL-ICA's; DCoDR trains on image data sets " \
+                   f"with domains"
+        if self.samples_per_domain < 2 and self.domain_negatives:
+            return ("dcodr.samples_per_domain: same-domain negatives need at least 2 anchors of "
+                    "a domain per batch")
+        if cfg.method.name == "dcodr" and not self.vgg_path:
+            return ('dcodr.vgg_path: method "dcodr" needs the VGG16 weights of its perceptual '
+                    "loss (torchvision's vgg16-397923af.pth from "
+                    "https://download.pytorch.org/models/vgg16-397923af.pth)")
+        if cfg.model.arch == "dcodr_resnet50" and self.init == "moco" and not self.moco_path:
+            return ('dcodr.moco_path: init = "moco" needs the MoCo v2 checkpoint '
+                    "(moco_v2_800ep_pretrain.pth.tar from https://dl.fbaipublicfiles.com/moco/"
+                    'moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar), or set '
+                    'dcodr.init = "random"')
+        return None
+
+
+@dataclass
 class OpConfig:
     backend: str = key("auto", one_of(("auto",), BACKENDS))  # the fused op's backend
     penalty: str = key("slot", one_of(PENALTIES))  # IRM penalty variant: slot (official) | ...
@@ -371,6 +428,11 @@ class EvalConfig:
     fixed_bn: bool = False               # encoder BN in eval mode (official: train mode)
     linear_augment: bool = True          # train the probe on SSL-augmented views (official)
     factors: bool = True                 # synthetic data: kNN + linear on every discrete factor
+    factor_probes: bool = False          # DCoDR's evaluation: an MLP probe per factor on the
+                                         # frozen, normalised codes (invariance to the domain,
+                                         # informativeness of the rest; summary "probes")
+    probe_epochs: int = key(100, positive)   # the probes' most epochs (official 100)
+    probe_patience: int = key(7, positive)   # their early stopping (official 7)
 
 
 @dataclass
@@ -383,6 +445,7 @@ class Config:
     ipirm: IpirmConfig = field(default_factory=IpirmConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     clica: ClicaConfig = field(default_factory=ClicaConfig)
+    dcodr: DcodrConfig = field(default_factory=DcodrConfig)
     op: OpConfig = field(default_factory=OpConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -25,8 +25,10 @@ import torch
 from .data import (LatentPairBatches, TwoViewAugment, TwoViewBatches, choose_pipeline,
                    load_dataset)
 from .data.clica_sources import CLICA_SOURCES, load_pair_source
+from .data.domain_batches import DOMAIN_METHODS, DomainBatches, domain_values
 from .models import MLP_ARCHS, MLPEncoder, SimCLRModel, load_pretrained
 from .models.clica_image_encoders import CLICA_IMAGE_ARCHS, KittiConvEncoder, ResNetLatentEncoder
+from .models.dcodr_encoder import DCODR_ARCHS, DCoDREncoder, load_moco_v2
 
 AMP_MODES = ("bf16", "fp16", "none")
 
@@ -94,6 +96,8 @@ def build_model(cfg) -> SimCLRModel:
         return MLPEncoder(c.n, output_norm=c.encoder_norm)
     if m.arch == "clica_kitti_conv":
         return KittiConvEncoder(c.n, norm=c.encoder_norm)
+    if m.arch in DCODR_ARCHS:
+        return DCoDREncoder(cfg.dcodr.content_dim, fc_head=cfg.dcodr.fc_head, width=m.width)
     if m.arch in CLICA_IMAGE_ARCHS:
         return ResNetLatentEncoder(c.n, m.arch, norm=c.encoder_norm,
                                    periodic=c.periodic_dims(cfg.data.name), width=m.width)
@@ -112,6 +116,13 @@ def training_model(cfg, device: torch.device, *, resuming: bool,
     """The model a run trains: built, initialised from ``run.pretrain_model`` (fresh runs only)
     and placed on ``device``."""
     model = build_model(cfg).to(device)
+    if cfg.model.arch in DCODR_ARCHS and not resuming:
+        if cfg.dcodr.init == "moco" and not cfg.run.pretrain_model:
+            load_moco_v2(model, cfg.dcodr.moco_path)
+            log(f"initialised the encoder from the MoCo v2 checkpoint {cfg.dcodr.moco_path}")
+        elif cfg.dcodr.init == "random":
+            log('note: dcodr.init = "random": the encoder starts from random weights (the '
+                "official DCoDR starts from MoCo v2; this is its no-pretraining ablation)")
     if cfg.run.pretrain_model and not resuming:
         load_pretrained(model, cfg.run.pretrain_model)
         log(f"initialised the model from {cfg.run.pretrain_model}")
@@ -156,7 +167,8 @@ def load_eval_splits(cfg, train_set, log: Callable[[str], None] = print):
     """``(memory, test)`` splits of the evaluation (kNN memory / probe training, queries / probe
     test), or ``(None, None)`` when no evaluation is configured or the splits have no labels."""
     ev, d = cfg.eval, cfg.data
-    if d.name in CLICA_SOURCES or not (ev.knn_every > 0 or ev.linear_at_end):
+    if d.name in CLICA_SOURCES or not (ev.knn_every > 0 or ev.linear_at_end
+                                       or ev.factor_probes):
         return None, None
     memory = train_set if d.memory_split == d.split else load_split(cfg, d.memory_split)
     test = load_split(cfg, d.test_split)
@@ -180,6 +192,12 @@ def training_views(cfg, train_set, device: torch.device,
     if cfg.data.name in CLICA_SOURCES:
         return LatentPairBatches(train_set.to(device), cfg.train.batch_size,
                                  cfg.clica.steps_per_epoch, cfg.run.seed)
+    if cfg.method.name in DOMAIN_METHODS:
+        d = cfg.dcodr
+        return DomainBatches(train_set, domain_values(train_set, cfg.data.domain_factor),
+                             domains_per_batch=d.domains_per_batch,
+                             samples_per_domain=d.samples_per_domain, seed=cfg.run.seed,
+                             device=device, generator=generator)
     n, batch = len(train_set.images), cfg.train.batch_size
     if n < batch:
         raise ValueError(f"train.batch_size: {batch} is larger than the {n} images of "

@@ -31,6 +31,8 @@ class Stream(IntEnum):
     LATENT_MIXING = 2**32 + 7    # CL-ICA: the frozen mixing network
     LATENT_PAIRS = 2**32 + 8     # CL-ICA: the latent pairs of an epoch (+ epoch)
     LATENT_EVAL = 2**32 + 9      # CL-ICA: the fresh samples of an evaluation (+ epoch)
+    DOMAIN_BATCHES = 2**32 + 10  # DCoDR: the domain-block batches of an epoch (+ epoch)
+    FACTOR_PROBES = 2**32 + 11   # DCoDR: the factor probes' initialisation and order
 
 
 def _sequence(seed: int, tags) -> np.random.SeedSequence:

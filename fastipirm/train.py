@@ -76,7 +76,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     # 3. model, optimiser, AMP, method -------------------------------------------------------------
     model = runtime.training_model(cfg, device, resuming=bool(resume), log=log)
     forward = torch.compile(model) if cfg.model.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                 betas=tuple(t.betas))
     scaler = runtime.grad_scaler(device, t.amp)
     method = build_method(cfg.method.name, MethodContext(
         cfg, model, optimizer, device, scaler=scaler, forward=forward, autocast=autocast,
@@ -192,6 +193,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         summary["linear"] = {k: v for k, v in final["linear"].items() if k != "history"}
     if "factors" in final:
         summary["factors"] = final["factors"]
+    if "probes" in final:
+        summary["domain_factor"] = final["probes"]["domain_factor"]
+        summary["probes"] = final["probes"]["probes"]
     summary.update(final.get("identifiability", {}))
     write_json(out / "summary.json", summary)
     return summary

@@ -123,6 +123,8 @@ def test_choice_lists_come_from_their_modules():
     clica = {"data": {"name": GENERATIVE[0]}, "model": {"arch": MLP_ARCHS[0]}}
     for name in METHODS:
         extra = clica if name.startswith("clica") else {}
+        if name == "dcodr":
+            extra = {"dcodr": {"vgg_path": "vgg16-397923af.pth"}}
         assert from_dict({"method": {"name": name}, **extra}).method.name == name
     for name in PENALTIES:
         assert from_dict({"op": {"penalty": name}}).op.penalty == name

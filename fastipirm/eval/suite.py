@@ -1,6 +1,7 @@
 """The evaluation a training run does, configured by its ``[eval]`` table: the kNN monitor
-during training and, at the end, the linear probe and the generative-factor probes; on generated
-data (CL-ICA) the identifiability scores instead (:mod:`.identifiability`)."""
+during training and, at the end, the linear probe, the generative-factor probes and DCoDR's
+factor probes (``eval.factor_probes``, :mod:`.factor_probes`); on CL-ICA's data the
+identifiability scores instead (:mod:`.identifiability`)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,7 +10,12 @@ import torch
 
 from .. import runtime
 from ..data import eval_transform
+from ..data.domain_batches import DOMAIN_METHODS, domain_values
+from ..models import eval_mode
+from ..models.codes import contrastive_code
+from ..seeding import Stream, derive_seed
 from .factors import factor_evaluation
+from .features import extract_features
 from .identifiability import IdentifiabilityMonitor
 from .knn import knn_evaluate
 from .linear import linear_probe
@@ -83,7 +89,43 @@ class RunEvaluation:
                      ", ".join(f"{f} {r['knn_top1']:.1f}/{r['linear_top1']:.1f}%"
                                for f, r in facs.items()))
             out["factors"] = facs
+        if ev.factor_probes:
+            out["probes"] = self.factor_probes(model)
         return out
+
+    def factor_probes(self, model: torch.nn.Module) -> dict:
+        """DCoDR's evaluation of the frozen model: the L2-normalised codes of the memory (train)
+        and test splits, one MLP probe per factor (:func:`.factor_probes.probe_factors`). DCoDR's
+        models see [0, 1] images (as they were trained), the others the run's eval transform."""
+        from .factor_probes import probe_factors
+
+        cfg = self.cfg
+        domain = cfg.data.domain_factor or getattr(self.memory, "domain_factor", None) or ""
+        factors = getattr(self.memory, "factors", None)
+        if not factors:
+            raise ValueError(f"eval.factor_probes: {self.memory.name} has no factors to probe")
+        if not domain:
+            raise ValueError("eval.factor_probes: set data.domain_factor (the factor that is the "
+                             "domain)")
+        domain_values(self.memory, domain)            # a clear error for an unknown factor
+        raw = cfg.method.name in DOMAIN_METHODS
+        extract = dict(self.extract, transform=(lambda x: x.permute(0, 3, 1, 2).float() / 255)
+                       if raw else eval_transform)
+        with eval_mode(model):
+            codes = [extract_features(lambda x: contrastive_code(model(x)), split, **extract)
+                     for split in (self.memory, self.test)]
+        def pick(split):
+            return {k: torch.as_tensor(v).long() for k, v in split.factors.items()
+                    if k in factors and len(set(map(int, factors[k]))) > 1}
+
+        targets = [getattr(split, "targets", None) for split in (self.memory, self.test)]
+        res = probe_factors(codes[0], pick(self.memory), codes[1], pick(self.test),
+                            domain_factor=domain,
+                            targets=None if targets[0] is None else (targets[0], targets[1]),
+                            seed=derive_seed(cfg.run.seed, Stream.FACTOR_PROBES),
+                            device=self.device, max_epochs=cfg.eval.probe_epochs,
+                            patience=cfg.eval.probe_patience, log=self.log)
+        return res
 
 
 

@@ -6,11 +6,13 @@ method is a module here with a ``Method`` subclass, added to :data:`METHODS`.
 from .base import Method, MethodContext, TrainStep, grouped_projection, project_views
 from .clica import CLICA
 from .clica_supervised import CLICASupervised
+from .dcodr import DCoDR
+from .dcodr_norec import DCoDRNoRec
 from .ipirm import IPIRM
 from .simclr import SimCLR
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, IPIRM, CLICA,
-                                                          CLICASupervised)}
+                                                          CLICASupervised, DCoDRNoRec, DCoDR)}
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:
@@ -22,4 +24,4 @@ def build_method(name: str, ctx: MethodContext) -> Method:
 
 __all__ = ["METHODS", "Method", "MethodContext", "TrainStep", "build_method",
            "grouped_projection", "project_views", "SimCLR", "IPIRM", "CLICA",
-           "CLICASupervised"]
+           "CLICASupervised", "DCoDRNoRec", "DCoDR"]
