@@ -30,6 +30,10 @@ BENCHMARKS = {
                          "constructions (time and peak memory)"),
     "loader": ("loader", "two-view samples/s of each data pipeline against a step's needs"),
     "step": ("step", "one training step: the official-style step against fastipirm's"),
+    "mixup-step": ("mixup_step", "one IP-IRM + MixUp step against a main.py IP-IRM step and the "
+                                 "official MixUp structure"),
+    "dcodr-step": ("dcodr_step", "one DCoDR / DCoDR-norec step: official-style against "
+                                 "fastipirm"),
     "maximize": ("maximize", "one partition maximisation: official-style against fastipirm"),
     "all": ("suite", "kernels, loader, step and maximize, and the 400-epoch run estimate"),
     "cpu": ("cpu", "the CPU table of the kernel benchmark (reference and CPU backends)"),

@@ -158,6 +158,8 @@ class DataConfig:
     num_colors: int = key(0, non_negative)                # foreground colours in use
     num_backgrounds: int = key(0, non_negative)           # background colours in use
     shading: Optional[float] = key(None, non_negative)    # strongest background shading
+    min_images: int = key(0, non_negative)  # CelebA: keep identities with at least this many
+                                         # images (0: the reader's default, 2)
     domain_factor: str = ""              # DCoDR: the factor used as the domain (e.g. the
                                          # synthetic data's "background"; "": the data set's own)
 
@@ -207,13 +209,21 @@ class IpirmConfig:
     penalty_weight: float = key(0.2, non_negative)  # lambda1
     penalty_iters: int = key(0, non_negative)  # lambda1 active from this epoch (>= 200: always)
     irm_temperature: float = key(0.5, positive)  # official --irm_temp
-    keep_cont: bool = True               # global NT-Xent term
-    debiased: bool = key(False, not_implemented(
-        True, "the DCL debiased estimator is not ported (IP-IRM runs never use it)"))
+    keep_cont: bool = True               # global NT-Xent term (ipirm_mixup: required, as the
+                                         # official crashes without it)
+    mixup_alpha: float = key(1.0, positive)  # ipirm_mixup / mixup: Beta(alpha, alpha) (--alpha)
+    debiased: bool = False               # DCL's debiased estimator (official --debiased): the
+                                         # simclr loss; minimization_loss(debiased=) opt-in
     tau_plus: float = key(0.1, non_negative)  # official DCL prior (unused while debiased = false)
     ours_mode: str = key("w", one_of(("w",)))  # official penalty mode: only "w"
     increasing_weight: bool = key(False, not_implemented(
         True, "the official flag calls a missing function and crashes"))
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        if cfg.method.name == "ipirm_mixup" and not self.keep_cont:
+            return ("ipirm.keep_cont: ipirm_mixup needs the global term (the official "
+                    "main_mixup.py crashes without --keep_cont)")
+        return None
 
 
 @dataclass
@@ -226,10 +236,11 @@ class PartitionConfig:
     constrain_relax: bool = True
     retain_group: bool = True            # keep all partitions (else only the latest)
     retain_group_set: int = key(0, non_negative)  # keep at most this many, FIFO (0: unlimited)
-    offline: bool = key(True, not_implemented(
-        False, "online maximisation (auto_split) is not implemented; the STL runs use offline"))
+    offline: bool = True                 # search on one feature bank (false: official
+                                         # auto_split, fresh features every search epoch)
     nonorm: bool = False
-    irm_mode: str = key("v1", one_of(("v1",)))  # only v1 (IRM gradient penalty)
+    irm_mode: str = key("v1", one_of(("v1", "v2")))  # search penalty: v1 IRM gradient
+                                         # penalty, v2 variance of the environment losses
     lr: float = key(0.5, positive)       # Adam on Theta
     milestones: list[int] = key([5, 35])
     gamma: float = key(0.2, positive)

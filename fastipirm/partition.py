@@ -1,5 +1,6 @@
-"""The offline maximisation step of IP-IRM (official ``auto_split_offline``, see
-``docs/official-ipirm.md#offline``).
+"""The maximisation step of IP-IRM: offline (official ``auto_split_offline``, see
+``docs/official-ipirm.md#offline``) and online (official ``auto_split``,
+``docs/official-ipirm.md#online-maximisation``).
 
 1. :func:`extract_views`: the model in eval mode, under ``no_grad``, gives the normalised
    projections ``z1, z2`` (N, D) of ONE augmented view pair per dataset image, in dataset order.
@@ -9,7 +10,16 @@
    shuffled feature batch of 3096 without drop_last, and the official stopping rule: stop after
    epoch ``e`` when ``e > 50 and cnt >= 5`` or ``e == 60`` (``cnt`` = epochs since the epoch-mean
    J last improved). The Theta at the end of the best (lowest epoch-mean J) epoch is returned.
-3. :func:`retain`: the new partition joins the retained ``(P, N, K)`` stack (``retain_group``)
+   The objective's penalty is the IRM gradient penalty (``irm_mode="v1"``) or the variance of the
+   environment losses (``"v2"``), as the official ``--irm_mode``.
+3. Online (``partition.offline = false``): :func:`optimize_partition_online` runs the same
+   objective, optimiser, schedule and stopping rule, but every epoch's feature batches come from
+   a callable ``epoch -> batches``; :func:`online_views` makes it from the model and a loader
+   (shuffled, ``drop_last``, the official ``update_loader``): fresh augmentations of every batch,
+   projected in eval mode under ``no_grad`` right before the Theta step on them. With
+   ``drop_last`` the last ``N mod batch_size`` samples of an epoch's order get no step (Adam's
+   momentum still moves their rows, as officially).
+4. :func:`retain`: the new partition joins the retained ``(P, N, K)`` stack (``retain_group``)
    or replaces it; ``retain_group_set`` caps P (FIFO, main_mixup.py).
 
 Initialisation: ``random_init`` draws a fresh Theta ~ N(0, 1) every call (all official scripts).
@@ -28,7 +38,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -73,13 +83,8 @@ def extract_views(model: torch.nn.Module, loader, augment, *, num_samples: int,
     with eval_mode(model):
         for indices, images in loader:
             indices = indices.to(device)
-            v1, v2 = augment(images.to(device), generator)
-            if channels_last:
-                v1 = v1.contiguous(memory_format=torch.channels_last)
-                v2 = v2.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                p1 = model(v1)[1]
-                p2 = model(v2)[1]
+            p1, p2 = _project_pair(model, images.to(device), augment, generator, autocast,
+                                   channels_last)
             if z1 is None:
                 z1 = torch.empty(num_samples, p1.shape[1], dtype=torch.float32, device=device)
                 z2 = torch.empty_like(z1)
@@ -93,6 +98,45 @@ def extract_views(model: torch.nn.Module, loader, augment, *, num_samples: int,
     return z1, z2
 
 
+def _project_pair(model, images, augment, generator, autocast, channels_last):
+    """The projections (head output) of one augmented view pair of ``images``."""
+    v1, v2 = augment(images, generator)
+    if channels_last:
+        v1 = v1.contiguous(memory_format=torch.channels_last)
+        v2 = v2.contiguous(memory_format=torch.channels_last)
+    with autocast():
+        p1 = model(v1)[1]
+        p2 = model(v2)[1]
+    return p1, p2
+
+
+FeatureBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def online_views(model: torch.nn.Module, loader, augment, *, device: torch.device,
+                 generator: Optional[torch.Generator] = None,
+                 autocast: Callable = contextlib.nullcontext,
+                 channels_last: bool = False) -> FeatureBatches:
+    """The feature batches of the online search (official ``auto_split``): ``epoch -> batches``.
+
+    Calling it with a search epoch ``e`` calls ``loader.set_epoch(e)`` (when the loader has it)
+    and iterates ``loader`` (``(indices, uint8 NHWC images)``; the official ``update_loader`` is
+    shuffled with ``drop_last``); each batch gets fresh views ``augment(images, generator)``,
+    projected with the model in eval mode under ``no_grad`` (the model's mode and the grad mode are
+    restored before the batch is yielded), and is yielded as ``(indices, z1, z2)``, float32 on
+    ``device``.
+    """
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for indices, images in loader:
+            with torch.no_grad(), eval_mode(model):
+                p1, p2 = _project_pair(model, images.to(device), augment, generator, autocast,
+                                       channels_last)
+            yield indices.to(device), p1.float(), p2.float()
+    return batches
+
+
 def optimize_partition(z1: torch.Tensor, z2: torch.Tensor, init: torch.Tensor, *,
                        temperature: float, irm_temperature: float, irm_weight: float,
                        constrain: bool = True, constrain_relax: bool = True, nonorm: bool = False,
@@ -100,19 +144,62 @@ def optimize_partition(z1: torch.Tensor, z2: torch.Tensor, init: torch.Tensor, *
                        batch_size: int = 3096, min_epochs: int = 50, patience: int = 5,
                        max_epochs: int = 60, generator: Optional[torch.Generator] = None,
                        backend: Optional[str] = None, penalty: str = "slot",
-                       progress: Optional[Callable[[int, float], None]] = None
-                       ) -> PartitionResult:
+                       progress: Optional[Callable[[int, float], None]] = None,
+                       irm_mode: str = "v1") -> PartitionResult:
     """Official Theta optimisation on a fixed feature bank; returns the best epoch's Theta.
 
     ``init`` (N, K) is the starting Theta (copied, never modified). ``generator`` drives the
     per-epoch shuffle (a CPU generator). Stops after epoch ``e`` when
     ``(e > min_epochs and cnt >= patience) or e == max_epochs``.
     """
-    start = time.perf_counter()
     n = z1.shape[0]
     if init.shape[0] != n:
         raise ValueError(f"init has {init.shape[0]} rows for {n} samples")
-    theta = init.detach().clone().to(device=z1.device, dtype=torch.float32).requires_grad_(True)
+
+    def bank_batches(epoch: int):
+        perm = torch.randperm(n, generator=generator).to(z1.device)
+        for b0 in range(0, n, batch_size):               # shuffled, no drop_last
+            idx = perm[b0:b0 + batch_size]
+            yield idx, z1[idx], z2[idx]
+
+    return _search(bank_batches, init, z1.device, temperature=temperature,
+                   irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
+                   constrain_relax=constrain_relax, nonorm=nonorm, lr=lr, milestones=milestones,
+                   gamma=gamma, min_epochs=min_epochs, patience=patience, max_epochs=max_epochs,
+                   backend=backend, penalty=penalty, progress=progress, irm_mode=irm_mode)
+
+
+def optimize_partition_online(feature_batches: FeatureBatches, init: torch.Tensor, *,
+                              temperature: float, irm_temperature: float, irm_weight: float,
+                              constrain: bool = True, constrain_relax: bool = True,
+                              nonorm: bool = False, lr: float = 0.5, milestones=(5, 35),
+                              gamma: float = 0.2, min_epochs: int = 50, patience: int = 5,
+                              max_epochs: int = 60, device: Optional[torch.device] = None,
+                              backend: Optional[str] = None, penalty: str = "slot",
+                              progress: Optional[Callable[[int, float], None]] = None,
+                              irm_mode: str = "v1") -> PartitionResult:
+    """Official online Theta optimisation (``auto_split``); returns the best epoch's Theta.
+
+    ``feature_batches(e)`` gives search epoch ``e``'s ``(indices, z1, z2)`` batches (see
+    :func:`online_views`), extracted lazily, one batch per Theta step. ``init`` (N, K, N = the
+    data set's size) is copied to ``device`` (default: its own device). Everything else as
+    :func:`optimize_partition`.
+    """
+    device = init.device if device is None else torch.device(device)
+    return _search(feature_batches, init, device, temperature=temperature,
+                   irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
+                   constrain_relax=constrain_relax, nonorm=nonorm, lr=lr, milestones=milestones,
+                   gamma=gamma, min_epochs=min_epochs, patience=patience, max_epochs=max_epochs,
+                   backend=backend, penalty=penalty, progress=progress, irm_mode=irm_mode)
+
+
+def _search(feature_batches: FeatureBatches, init: torch.Tensor, device: torch.device, *,
+            temperature, irm_temperature, irm_weight, constrain, constrain_relax, nonorm, lr,
+            milestones, gamma, min_epochs, patience, max_epochs, backend, penalty, progress,
+            irm_mode) -> PartitionResult:
+    """The Theta loop shared by the offline and the online search."""
+    start = time.perf_counter()
+    theta = init.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)   # dense Adam over all N x K entries (official)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
     best, best_epoch, cnt = math.inf, -1, 0
@@ -120,20 +207,22 @@ def optimize_partition(z1: torch.Tensor, z2: torch.Tensor, init: torch.Tensor, *
     history = []
     epoch = 0
     while True:
-        perm = torch.randperm(n, generator=generator).to(z1.device)
-        total = torch.zeros((), dtype=torch.float64, device=z1.device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         batches = 0
-        for b0 in range(0, n, batch_size):               # shuffled, no drop_last
-            idx = perm[b0:b0 + batch_size]
+        for idx, f1, f2 in feature_batches(epoch):
             objective, _ = maximization_objective(
-                z1[idx], z2[idx], theta[idx], temperature=temperature,
+                f1, f2, theta[idx], temperature=temperature,
                 irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
-                constrain_relax=constrain_relax, nonorm=nonorm, backend=backend, penalty=penalty)
+                constrain_relax=constrain_relax, nonorm=nonorm, backend=backend, penalty=penalty,
+                irm_mode=irm_mode)
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
             total += objective.detach()
             batches += 1
+        if batches == 0:
+            raise ValueError(f"search epoch {epoch} gave no feature batch (with drop_last the "
+                             "batch size must not exceed the number of samples)")
         sched.step()
         mean = float(total / batches)
         if not math.isfinite(mean):

@@ -162,12 +162,15 @@ def comparison_table(rows: list[tuple[str, dict]], label_factor: str = "") -> st
     run, then kNN / linear per generative factor when the data has factors. ``rows``:
     ``(label, summary)``; a row labelled ``random init`` is the untrained reference."""
     width = max(12, *(len(label) + 2 for label, _ in rows))
-    lines = [f"{'method':<{width}}{'kNN top-1':>10} {'linear final':>13} {'linear best':>12}"]
-    for label, s in rows:
-        lin = s.get("linear") or {}
-        lines.append(f"{label:<{width}}{_fmt(s.get('knn_top1')):>10} "
-                     f"{_fmt(lin.get('final_top1')):>13} {_fmt(lin.get('best_top1')):>12}")
-    lines.append(_verdict(rows, label_factor))
+    lines = []
+    if any(s.get("knn_top1") is not None or s.get("linear") for _, s in rows):
+        lines.append(f"{'method':<{width}}{'kNN top-1':>10} {'linear final':>13} "
+                     f"{'linear best':>12}")
+        for label, s in rows:
+            lin = s.get("linear") or {}
+            lines.append(f"{label:<{width}}{_fmt(s.get('knn_top1')):>10} "
+                         f"{_fmt(lin.get('final_top1')):>13} {_fmt(lin.get('best_top1')):>12}")
+        lines.append(_verdict(rows, label_factor))
     factors = list(rows[0][1].get("factors") or {})
     if factors:
         lines += ["", "per generative factor, kNN / linear top-1 (%):",
@@ -176,6 +179,20 @@ def comparison_table(rows: list[tuple[str, dict]], label_factor: str = "") -> st
             classes = rows[0][1]["factors"][f]["num_classes"]
             lines.append(f"{f:<12}{classes:>8}" + "".join(
                 f"{_pair((s.get('factors') or {}).get(f, {})):>16}" for _, s in rows))
+    probes = list(rows[0][1].get("probes") or {})
+    if probes:
+        domain = rows[0][1].get("domain_factor")
+        lines += ["factor probes on the frozen codes, test accuracy (%) (the domain: lower is "
+                  "more invariant):",
+                  f"{'factor':<18}{'chance':>8}" + "".join(f"{label:>16}" for label, _ in rows)]
+        for f in probes:
+            first = rows[0][1]["probes"][f]
+            if "accuracy" not in first:
+                continue
+            name = f"{f} (domain)" if f == domain else f
+            accs = [((s.get("probes") or {}).get(f) or {}).get("accuracy") for _, s in rows]
+            lines.append(f"{name:<18}{100 * first['chance']:>8.1f}" + "".join(
+                f"{_fmt(None if a is None else 100 * a):>16}" for a in accs))
     return "\n".join(lines)
 
 
@@ -211,15 +228,32 @@ def plot_comparison(rows: list[tuple[str, dict]], path: Path, title: str) -> boo
     fig, axes = plt.subplots(1, 3 if factors else 1, figsize=(16 if factors else 6, 4),
                              squeeze=False)
     ax = axes[0][0]
-    for label, s in rows:
-        curve = s.get("knn_curve") or []
-        if curve:
-            ax.plot(*zip(*curve), marker="o", label=label)
-        elif s.get("knn_top1") is not None:
-            ax.axhline(s["knn_top1"], linestyle="--", color="grey", label=label)
-    ax.set_title("kNN top-1 on the label (%)")
-    ax.set_xlabel("epoch")
-    ax.legend(fontsize=8)
+    probes = [f for f, r in (rows[0][1].get("probes") or {}).items() if "accuracy" in r]
+    if probes and not any(s.get("knn_curve") or s.get("knn_top1") is not None for _, s in rows):
+        step = 0.8 / len(rows)
+        for i, (label, s) in enumerate(rows):
+            accs = [100 * ((s.get("probes") or {}).get(f) or {}).get("accuracy", 0.0)
+                    for f in probes]
+            ax.bar([j + i * step for j in range(len(probes))], accs, width=step, label=label)
+        chance = [100 * rows[0][1]["probes"][f]["chance"] for f in probes]
+        ax.scatter([j + 0.4 - step / 2 for j in range(len(probes))], chance, marker="_",
+                   s=300, color="black", label="chance", zorder=3)
+        domain = rows[0][1].get("domain_factor")
+        ax.set_xticks([j + 0.4 - step / 2 for j in range(len(probes))],
+                      [f"{f}\n(domain)" if f == domain else f for f in probes], fontsize=7)
+        ax.set_title("factor probes on the frozen codes (%)")
+        ax.legend(fontsize=8)
+    else:
+        for label, s in rows:
+            curve = s.get("knn_curve") or []
+            if curve:
+                ax.plot(*zip(*curve), marker="o", label=label)
+            elif s.get("knn_top1") is not None:
+                ax.axhline(s["knn_top1"], linestyle="--", color="grey", label=label)
+        ax.set_title("kNN top-1 on the label (%)")
+        ax.set_xlabel("epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     for ax, key, name in ((axes[0][1], "knn_top1", "kNN"), (axes[0][2], "linear_top1", "linear")
                           ) if factors else ():
         step = 0.8 / len(rows)

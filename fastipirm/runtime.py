@@ -140,6 +140,8 @@ def load_split(cfg, split: str):
                                   f"(config keys data.root, data.split, [clica]): {exc}"
                                   ) from None
     kwargs = {}
+    if d.name == "celeba" and d.min_images:
+        kwargs["min_images"] = d.min_images
     if d.name == "synthetic":
         count = d.num_samples if split == d.split else d.eval_num_samples
         if count:

@@ -196,6 +196,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     if "probes" in final:
         summary["domain_factor"] = final["probes"]["domain_factor"]
         summary["probes"] = final["probes"]["probes"]
+        if "retrieval" in final["probes"]:
+            summary["retrieval"] = final["probes"]["retrieval"]
     summary.update(final.get("identifiability", {}))
     write_json(out / "summary.json", summary)
     return summary

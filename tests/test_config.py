@@ -51,7 +51,7 @@ def test_stl_config_is_the_official_run():
     ("[train]\namp = \"fp8\"\n", "train.amp: 'fp8' is not one of"),
     ("[train]\nepochs = 0\n", "train.epochs: must be a positive integer"),
     ("[train]\ntemperature = -0.5\n", "train.temperature: must be a positive number"),
-    ("[partition]\noffline = false\n", "partition.offline = false: not implemented"),
+    ("[ipirm]\nincreasing_weight = true\n", "ipirm.increasing_weight = true: not implemented"),
     ("[train]\nkeep_cont = false\n", "train.keep_cont: moved to ipirm.keep_cont"),
     ("[train]\nbaseline = true\n", 'train.baseline: removed; choose the method with [method] name'),
     ("[train]\nbackend = \"torch\"\n", "train.backend: moved to op.backend"),

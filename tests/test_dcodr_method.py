@@ -217,6 +217,7 @@ def test_dcodr_norec_run_writes_the_probes_and_resumes_exactly(tmp_path):
     summary = trainmod.train(tiny_config(tmp_path, sets=["run.name=full"]), log=lambda s: None)
     assert summary["domain_factor"] == "background"
     assert set(summary["probes"]) >= {"background", "shape", "color"}
+    assert 0 <= summary["retrieval"]["all"] <= 1          # every factor but the domain exact
     for res in summary["probes"].values():
         assert 0 <= res["accuracy"] <= 1 and 0 < res["chance"] < 1
 
@@ -272,3 +273,22 @@ def test_random_init_encoder_says_so(tmp_path):
     model = runtime.training_model(cfg, torch.device("cpu"), resuming=False, log=lines.append)
     assert any("random weights" in s for s in lines)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 128)
+
+
+def test_the_shipped_dcodr_configs_follow_the_official_scripts():
+    from fastipirm.config import load_config
+
+    table = {"cars3d": (0.2, 1e-4, False), "smallnorb": (0.2, 3e-4, True),
+             "celeba": (0.2, 1e-3, False), "edges2shoes": (0.1, 1e-3, False),
+             "shapes3d": (0.1, 1e-4, False)}
+    for name, (tau, lr, head) in table.items():
+        rec = load_config(f"configs/dcodr/{name}.toml")
+        norec = load_config(f"configs/dcodr/{name}_norec.toml")
+        assert (rec.method.name, norec.method.name) == ("dcodr", "dcodr_norec")
+        assert (rec.train.temperature, rec.train.lr, rec.dcodr.fc_head) == (tau, lr, head)
+        assert (norec.train.lr, norec.dcodr.fc_head) == (1e-4, False)
+        for cfg in (rec, norec):
+            assert cfg.data.name == name and cfg.model.arch == "dcodr_resnet50"
+            assert cfg.train.betas == [0.5, 0.999] and cfg.train.epochs == 200
+            assert cfg.eval.factor_probes
+    assert load_config("configs/dcodr/celeba.toml").data.min_images == 20

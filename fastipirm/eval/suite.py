@@ -14,6 +14,8 @@ from ..data.domain_batches import DOMAIN_METHODS, domain_values
 from ..models import eval_mode
 from ..models.codes import contrastive_code
 from ..seeding import Stream, derive_seed
+from .factor_probes import probe_factors
+from .retrieval import retrieval_rules, retrieval_top1
 from .factors import factor_evaluation
 from .features import extract_features
 from .identifiability import IdentifiabilityMonitor
@@ -97,8 +99,6 @@ class RunEvaluation:
         """DCoDR's evaluation of the frozen model: the L2-normalised codes of the memory (train)
         and test splits, one MLP probe per factor (:func:`.factor_probes.probe_factors`). DCoDR's
         models see [0, 1] images (as they were trained), the others the run's eval transform."""
-        from .factor_probes import probe_factors
-
         cfg = self.cfg
         domain = cfg.data.domain_factor or getattr(self.memory, "domain_factor", None) or ""
         factors = getattr(self.memory, "factors", None)
@@ -125,6 +125,17 @@ class RunEvaluation:
                             seed=derive_seed(cfg.run.seed, Stream.FACTOR_PROBES),
                             device=self.device, max_epochs=cfg.eval.probe_epochs,
                             patience=cfg.eval.probe_patience, log=self.log)
+        train_f, test_f = pick(self.memory), pick(self.test)
+        try:
+            allowed, cyclic = retrieval_rules(self.memory.name, train_f, domain)
+        except ValueError as exc:                    # no factor to match: no retrieval
+            self.log(f"retrieval: skipped ({exc})")
+        else:
+            ret = retrieval_top1(codes[0], train_f, codes[1], test_f, allowed=allowed,
+                                 cyclic=cyclic, device=self.device)
+            res["retrieval"] = ret["top1"]
+            self.log("retrieval top-1 matches: " + ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in ret["top1"].items()))
         return res
 
 

@@ -5,9 +5,14 @@
   ``L_glob (if keep_cont) + mean_{p,k} L_{p,k} + lambda1 * mean_{p,k} R_{p,k}``, divided by
   ``lambda1`` when ``lambda1 > 1``. All retained partitions and environments are the columns of
   one hard membership matrix; the global NT-Xent is one more all-ones column of the same call.
+  With ``debiased=True`` the global term is DCL's debiased estimator instead
+  (:func:`~fastipirm.losses.simclr.debiased_nt_xent`; the official applies ``--debiased`` only to
+  its ``--baseline`` loss, so this is an extension) and the op gets the environment columns only.
 * :func:`maximization_objective`: the partition's objective of ``auto_split_offline``
   (``docs/official-ipirm.md#offline``), *minimised* over the partition logits:
-  ``-mean_k (L^soft_k + lambda2 * R^soft_k) + C(q)`` with the balance constraint ``C``.
+  ``-mean_k (L^soft_k + lambda2 * R^soft_k) + C(q)`` with the balance constraint ``C``
+  (``irm_mode="v1"``), or ``-(mean_k L^soft_k + lambda2 * var_k L^soft_k) + C(q)`` with the
+  unbiased variance over the K environments (``irm_mode="v2"``, the official variance mode).
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import env_contrastive_loss
+from .simclr import debiased_nt_xent
+
+IRM_MODES = ("v1", "v2")  # maximisation penalty: v1 the IRM gradient penalty, v2 the loss variance
 
 OFFICIAL_RELAX_THRESHOLD = 0.6365  # the official literal: H(1/3, 2/3) rounded, K = 2 only
 
@@ -55,7 +63,8 @@ def memberships_from_logits(partitions: torch.Tensor, indices: torch.Tensor) -> 
 def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[torch.Tensor], *,
                       temperature: float, irm_temperature: float, penalty_weight: float,
                       keep_cont: bool, backend: Optional[str] = None, penalty: str = "slot",
-                      check_values: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      check_values: bool = True, debiased: bool = False, tau_plus: float = 0.1
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Official minimisation loss over all retained partitions at once.
 
     Args:
@@ -65,6 +74,9 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
         penalty_weight: lambda1 (already scheduled by the caller); the whole loss is divided by
             it when it exceeds 1, as the official code does.
         keep_cont: add the global NT-Xent over the whole batch (no penalty on it).
+        debiased, tau_plus: the global term is DCL's debiased NT-Xent with class prior
+            ``tau_plus`` (:func:`~fastipirm.losses.simclr.debiased_nt_xent`) instead of NT-Xent;
+            needs ``keep_cont``. The environment terms are unchanged.
 
     Returns ``(total, parts)`` with parts ``loss_global``, ``loss_env`` (mean over the P*K
     columns), ``penalty`` (mean), and the per-column ``env_losses``/``env_penalties``, all
@@ -72,6 +84,12 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
     """
     if memberships is None and not keep_cont:
         raise ValueError("minimization_loss needs memberships, keep_cont=True, or both")
+    if debiased:
+        return _debiased_minimization_loss(z1, z2, memberships, temperature=temperature,
+                                           irm_temperature=irm_temperature,
+                                           penalty_weight=penalty_weight, keep_cont=keep_cont,
+                                           backend=backend, penalty=penalty,
+                                           check_values=check_values, tau_plus=tau_plus)
     batch = z1.shape[0]
     columns = []
     if keep_cont:
@@ -91,6 +109,10 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
         loss_env, pen = env_losses.mean(), env_penalties.mean()
     else:
         loss_env, pen = zero, zero
+    return _combine(loss_global, loss_env, pen, env_losses, env_penalties, penalty_weight)
+
+
+def _combine(loss_global, loss_env, pen, env_losses, env_penalties, penalty_weight):
     total = loss_global + loss_env + penalty_weight * pen
     if penalty_weight > 1.0:
         total = total / penalty_weight
@@ -98,6 +120,25 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
              "penalty": pen.detach(), "env_losses": env_losses.detach(),
              "env_penalties": env_penalties.detach()}
     return total, parts
+
+
+def _debiased_minimization_loss(z1, z2, memberships, *, temperature, irm_temperature,
+                                penalty_weight, keep_cont, backend, penalty, check_values,
+                                tau_plus):
+    """:func:`minimization_loss` with a debiased global term; the op gets the environments only."""
+    if not keep_cont:
+        raise ValueError("debiased applies to the global NT-Xent term: it needs keep_cont=True")
+    loss_global = debiased_nt_xent(z1, z2, temperature=temperature, tau_plus=tau_plus)
+    if memberships is None:
+        zero = loss_global.new_zeros(())
+        empty = loss_global.new_zeros((0,))
+        return _combine(loss_global, zero, zero, empty, empty, penalty_weight)
+    weights = memberships.to(device=z1.device, dtype=torch.float32)
+    env_losses, env_penalties = env_contrastive_loss(
+        z1, z2, weights, temperature=temperature, irm_temperature=irm_temperature, soft=False,
+        backend=backend, penalty=penalty, check_values=check_values)
+    return _combine(loss_global, env_losses.mean(), env_penalties.mean(), env_losses,
+                    env_penalties, penalty_weight)
 
 
 def _entropy(q: torch.Tensor) -> torch.Tensor:
@@ -128,24 +169,29 @@ def maximization_objective(z1: torch.Tensor, z2: torch.Tensor, logits: torch.Ten
                            temperature: float, irm_temperature: float, irm_weight: float,
                            constrain: bool = True, constrain_relax: bool = True,
                            nonorm: bool = False, backend: Optional[str] = None,
-                           penalty: str = "slot"
+                           penalty: str = "slot", irm_mode: str = "v1"
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The partition objective J of one feature batch; minimise it over ``logits``.
 
     ``logits`` are the batch's rows of the partition logits Theta, shape ``(B, K)``; ``z1``,
     ``z2`` the fixed normalised projections of the batch's two views. Returns ``J`` and parts
-    ``loss`` (mean_k L^soft_k), ``penalty`` (mean_k R^soft_k) and ``constraint`` (detached).
+    ``loss`` (mean_k L^soft_k), ``penalty`` (mean_k R^soft_k; with ``irm_mode="v2"`` the
+    unbiased variance over k of L^soft_k, as the official ``torch.var``, and ``irm_temperature``
+    and ``penalty`` play no part) and ``constraint`` (detached).
     J is expected to be negative: it is the negated adversarial objective (official
     GitHub issue #3, ``docs/official-ipirm.md#official-issues``).
     """
     if logits.dim() != 2 or logits.shape[0] != z1.shape[0]:
         raise ValueError(f"logits must be (B={z1.shape[0]}, K), got {tuple(logits.shape)}")
+    if irm_mode not in IRM_MODES:
+        raise ValueError(f"irm_mode must be one of {IRM_MODES}, got {irm_mode!r}")
     q = torch.softmax(logits.float(), dim=1)
     losses, penalties = env_contrastive_loss(z1, z2, q, temperature=temperature,
                                              irm_temperature=irm_temperature, soft=True,
                                              backend=backend, penalty=penalty, nonorm=nonorm,
                                              check_values=False)
-    loss, pen = losses.mean(), penalties.mean()
+    loss = losses.mean()
+    pen = penalties.mean() if irm_mode == "v1" else losses.var()
     constraint = balance_constraint(q, constrain=constrain, constrain_relax=constrain_relax,
                                     nonorm=nonorm)
     objective = -(loss + irm_weight * pen) + constraint

@@ -122,20 +122,23 @@ def grouped_projection(forward: Callable, x: torch.Tensor, splits: int,
     return torch.cat(outs)
 
 
+def project_batch(ctx: MethodContext, x: torch.Tensor) -> torch.Tensor:
+    """Projections of one batch in float32 (float64 stays float64), forwarded as its own batch
+    (BN sees it alone) under autocast, channels_last as configured, in ``model.bn_splits`` BN
+    groups."""
+    m = ctx.cfg.model
+    if m.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with ctx.autocast():
+        z = grouped_projection(ctx.forward, x, m.bn_splits, ctx.model)
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def project_views(ctx: MethodContext, v1: torch.Tensor, v2: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 projections of both views: one forward per view under autocast (so BN sees each
-    view separately, as the official code), channels_last inputs and ``model.bn_splits`` BN
-    groups per view as configured."""
-    m = ctx.cfg.model
-
-    def prepared(x):
-        return x.contiguous(memory_format=torch.channels_last) if m.channels_last else x
-
-    with ctx.autocast():
-        z1 = grouped_projection(ctx.forward, prepared(v1), m.bn_splits, ctx.model)
-        z2 = grouped_projection(ctx.forward, prepared(v2), m.bn_splits, ctx.model)
-    return z1.float(), z2.float()
+    """Float32 projections of both views: one forward per view (so BN sees each view
+    separately, as the official code), :func:`project_batch` each."""
+    return project_batch(ctx, v1), project_batch(ctx, v2)
 
 
 class TrainStep:

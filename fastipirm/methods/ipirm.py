@@ -28,7 +28,7 @@ from .. import partition as part
 from ..data import IndexedLoader
 from ..losses.ipirm import memberships_from_logits, minimization_loss
 from ..runtime import TrainingDiverged
-from ..seeding import Stream, derived_generator
+from ..seeding import Stream, derive_seed, derived_generator
 from .base import Method, MethodContext, TrainStep, project_views
 
 
@@ -89,17 +89,35 @@ class IPIRM(Method):
                 "partition_seconds": seconds}
 
     def _new_partition(self, epoch: int) -> float:
-        """Maximise, retain the new partition, log it; returns the seconds it took."""
+        """Maximise, retain the new partition, log it; returns the seconds it took.
+
+        Offline (``partition.offline``): one feature bank, then the search on it. Online: a
+        shuffled ``drop_last`` loader of ``partition.batch_size`` images whose order of search
+        epoch ``e`` is a pure function of (seed, ``epoch``, ``e``), fresh views every search epoch.
+        """
         ctx, cfg = self.ctx, self.ctx.cfg
         pc, seed = cfg.partition, cfg.run.seed
         start = time.perf_counter()
         n = len(ctx.train_set.images)
-        if self._extract_loader is None:
-            self._extract_loader = IndexedLoader(ctx.train_set, pc.extract_batch_size, seed=seed,
-                                                 shuffle=False, drop_last=False, device=ctx.device)
-        z1, z2 = part.extract_views(ctx.forward, self._extract_loader, ctx.augment, num_samples=n,
-                                    device=ctx.device, generator=ctx.generator,
-                                    autocast=ctx.autocast, channels_last=cfg.model.channels_last)
+        if pc.offline:
+            if self._extract_loader is None:
+                self._extract_loader = IndexedLoader(ctx.train_set, pc.extract_batch_size,
+                                                     seed=seed, shuffle=False, drop_last=False,
+                                                     device=ctx.device)
+            z1, z2 = part.extract_views(ctx.forward, self._extract_loader, ctx.augment,
+                                        num_samples=n, device=ctx.device, generator=ctx.generator,
+                                        autocast=ctx.autocast,
+                                        channels_last=cfg.model.channels_last)
+        else:
+            loader = getattr(self, "_online_loader", None)
+            if loader is None:       # one loader (and device copy of the images) for every search
+                loader = self._online_loader = IndexedLoader(
+                    ctx.train_set, pc.batch_size, seed=seed, shuffle=True, drop_last=True,
+                    device=ctx.device)
+            loader.seed = derive_seed(seed, Stream.THETA_ORDER, epoch)
+            batches = part.online_views(ctx.forward, loader, ctx.augment, device=ctx.device,
+                                        generator=ctx.generator, autocast=ctx.autocast,
+                                        channels_last=cfg.model.channels_last)
         init = part.initial_logits(n, pc.env_num, random_init=pc.random_init,
                                    previous=self.last_theta,
                                    generator=derived_generator(seed, Stream.THETA_INIT, epoch),
@@ -111,15 +129,21 @@ class IPIRM(Method):
                 bar.update(1)
                 bar.set_postfix(J=f"{j:.4f}")
 
+        search = dict(temperature=cfg.train.temperature,
+                      irm_temperature=cfg.ipirm.irm_temperature, irm_weight=pc.irm_weight_maxim,
+                      constrain=pc.constrain, constrain_relax=pc.constrain_relax,
+                      nonorm=pc.nonorm, lr=pc.lr, milestones=pc.milestones, gamma=pc.gamma,
+                      min_epochs=pc.min_epochs, patience=pc.patience, max_epochs=pc.max_epochs,
+                      backend=self.backend, penalty=cfg.op.penalty, progress=progress,
+                      irm_mode=pc.irm_mode)
         try:
-            result = part.optimize_partition(
-                z1, z2, init, temperature=cfg.train.temperature,
-                irm_temperature=cfg.ipirm.irm_temperature, irm_weight=pc.irm_weight_maxim,
-                constrain=pc.constrain, constrain_relax=pc.constrain_relax, nonorm=pc.nonorm,
-                lr=pc.lr, milestones=pc.milestones, gamma=pc.gamma, batch_size=pc.batch_size,
-                min_epochs=pc.min_epochs, patience=pc.patience, max_epochs=pc.max_epochs,
-                generator=derived_generator(seed, Stream.THETA_ORDER, epoch),
-                backend=self.backend, penalty=cfg.op.penalty, progress=progress)
+            if pc.offline:
+                result = part.optimize_partition(
+                    z1, z2, init, batch_size=pc.batch_size,
+                    generator=derived_generator(seed, Stream.THETA_ORDER, epoch), **search)
+            else:
+                result = part.optimize_partition_online(batches, init, device=ctx.device,
+                                                        **search)
         except FloatingPointError as exc:
             raise TrainingDiverged(f"partition step after epoch {epoch}: {exc}") from None
         finally:

@@ -1,11 +1,12 @@
 """SimCLR (Chen et al., 2020): NT-Xent between two augmented views of every image.
 
 IP-IRM's baseline (the official ``main.py --baseline``): the same network, augmentation,
-optimiser and temperature, no partitions and no penalty.
+optimiser and temperature, no partitions and no penalty. ``ipirm.debiased`` switches the loss to
+DCL's debiased estimator with prior ``ipirm.tau_plus`` (the official ``--baseline --debiased``).
 """
 from __future__ import annotations
 
-from ..losses.simclr import nt_xent
+from ..losses.simclr import debiased_nt_xent, nt_xent
 from .base import Method, MethodContext, TrainStep, project_views
 
 
@@ -20,6 +21,10 @@ class SimCLR(Method):
 
     def objective(self, view1, view2):
         z1, z2 = project_views(self.ctx, view1, view2)
+        ip = self.ctx.cfg.ipirm
+        if ip.debiased:
+            return debiased_nt_xent(z1, z2, temperature=self.ctx.cfg.train.temperature,
+                                    tau_plus=ip.tau_plus), {}
         return nt_xent(z1, z2, temperature=self.ctx.cfg.train.temperature, backend=self.backend,
                        check_values=False), {}
 

@@ -1,0 +1,58 @@
+"""IP-IRM + MixUp's losses (official ``utils_mixup.py``; ``docs/official-ipirm.md#mixup``) on
+the general masked op.
+
+* :func:`imix_loss`: the i-Mix form, one-directional and B x B: mixed view-1 queries ``q``
+  against clean view-2 keys ``k``, ``S = q k^T / tau``, ``lam_bar CE(S, i) + (1 - lam_bar)
+  CE(S, partner(i))`` with ``lam_bar`` the **batch mean** of the per-sample weights (the official
+  ``CrossEntropyLoss`` averages before lambda multiplies it). On the op: two target columns per
+  row, ``i`` and ``partner(i)``, weighted ``lam_bar`` and ``1 - lam_bar``.
+* :func:`imix_environment_terms`: one retained partition's terms. Rows sorted by environment,
+  each environment's queries re-mixed within it; for environment ``k`` the same i-Mix loss over
+  its members only (its keys, its ``lam_bar_k``), ``L_k``, and the IRM penalty with one dummy
+  scale per key column, ``R_k = sum_j (dL_k / ds_j)^2`` (the op's ``key_penalty``, closed form).
+  Returns ``mean_k L_k`` and ``mean_k R_k`` over the environments present.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops import key_group_penalty, masked_contrastive_loss
+
+
+def _targets(lam_bar: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
+    own = torch.arange(partner.shape[0], device=partner.device)
+    weights = torch.stack([lam_bar, 1 - lam_bar], 1)
+    return torch.stack([own, partner], 1), weights
+
+
+def imix_loss(q: Tensor, k: Tensor, lam: Tensor, partner: Tensor, *, temperature: float,
+              backend: Optional[str] = None, check_values: bool = True) -> Tensor:
+    """The i-Mix loss of mixed queries ``q`` (B, D) against clean keys ``k`` (B, D)."""
+    lam_bar = lam.to(q.dtype).mean().expand(q.shape[0])
+    index, weights = _targets(lam_bar, partner)
+    return masked_contrastive_loss(q, k, positive_index=index, positive_weight=weights,
+                                   temperature=temperature, backend=backend,
+                                   check_values=check_values)
+
+
+def imix_environment_terms(q: Tensor, k: Tensor, envs: Tensor, lam: Tensor, partner: Tensor, *,
+                           temperature: float, backend: Optional[str] = None,
+                           check_values: bool = True) -> tuple[Tensor, Tensor]:
+    """``(mean_k L_k, mean_k R_k)`` of one partition; rows sorted by environment ``envs``,
+    ``partner`` inside each row's environment (sorted coordinates)."""
+    groups, inverse, counts = torch.unique(envs, return_inverse=True, return_counts=True)
+    lam_sum = torch.zeros(groups.shape[0], dtype=q.dtype, device=q.device).index_add(
+        0, inverse, lam.to(q.dtype))
+    lam_bar = (lam_sum / counts.to(q.dtype))[inverse]
+    index, weights = _targets(lam_bar, partner)
+    losses, key_grads = masked_contrastive_loss(
+        q, k, positive_index=index, positive_weight=weights, query_groups=envs, key_groups=envs,
+        temperature=temperature, reduction="none", key_penalty=True, backend=backend,
+        check_values=check_values)
+    per_env = torch.zeros(groups.shape[0], dtype=losses.dtype, device=q.device).index_add(
+        0, inverse, losses) / counts.to(losses.dtype)
+    _, penalties = key_group_penalty(key_grads, envs)
+    return per_env.mean(), penalties.mean()
