@@ -44,6 +44,7 @@ import numpy as np
 
 from .datasets import ArrayDataset
 from .domain_split import SEED, check_split, factor_codes, split_rows
+from .imagefolder import read_rgb, run_threads
 
 __all__ = ["URL", "IMAGE_FOLDER", "IDENTITY_FILE", "LANDMARK_FILE", "PARTITION_FILE",
            "LANDMARK_NAMES", "load_celeba", "read_identities", "read_landmarks",
@@ -172,12 +173,7 @@ def _crop_offsets(height: int, width: int) -> tuple[int, int]:
 
 def _load_face(path: Path, Image) -> tuple[np.ndarray, int, int]:
     """(64 x 64 face, crop top, crop left) of one aligned image."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cannot decode the CelebA image ({exc}); the file is "
-                         "corrupt.") from None
+    array = read_rgb(path, Image, "CelebA image")
     h, w, _ = array.shape
     if h < CROP or w < CROP:
         raise ValueError(f"{path}: {w} x {h} is smaller than the {CROP} x {CROP} centre crop")
@@ -250,17 +246,11 @@ def load_celeba(root: str | Path, split: str, *, protocol: str = "stratified",
     paths = [_image_path(folders, names[r]) for r in rows]
     images = np.empty((len(rows), SIDE, SIDE, 3), dtype=np.uint8)
     offsets = np.empty((len(rows), 2), dtype=np.float64)  # (top, left) of each crop
-    threads = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     def work(i: int) -> None:
         images[i], offsets[i, 0], offsets[i, 1] = _load_face(paths[i], Image)
 
-    if threads > 1 and len(paths) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool_:
-            list(pool_.map(work, range(len(paths))))
-    else:
-        for i in range(len(paths)):
-            work(i)
+    run_threads(work, len(paths), workers)
 
     targets = None
     if marks is not None:

@@ -50,6 +50,7 @@ import numpy as np
 
 from .datasets import ArrayDataset
 from .domain_split import SEED, check_split, factor_codes, split_rows
+from .imagefolder import read_rgb, run_threads
 
 __all__ = ["URL", "ZAPPOS_URL", "ATTRIBUTES", "load_edges2shoes", "resize_like_cv2",
            "zappos_labels", "pair_files"]
@@ -198,12 +199,7 @@ def pair_files(root: str | Path) -> list[Path]:
 
 def _read_pair(path: Path, Image) -> tuple[np.ndarray, np.ndarray]:
     """(photo, edges) halves of one jpg, RGB uint8."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cannot decode the edges2shoes image ({exc}); the file is "
-                         "corrupt.") from None
+    array = read_rgb(path, Image, "edges2shoes image")
     h, w, _ = array.shape
     if w != 2 * h:
         raise ValueError(f"{path}: an edges2shoes image is edge|photo side by side (width = 2 x "
@@ -385,13 +381,7 @@ def load_edges2shoes(root: str | Path, split: str, *, attributes: Optional[bool]
         if at_edges >= 0:
             images[at_edges] = _to_64(edges, inflate_lines != "none")
 
-    threads = workers if workers is not None else min(8, os.cpu_count() or 1)
-    if threads > 1 and len(files) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(work, range(len(files))))
-    else:
-        for i in range(len(files)):
-            work(i)
+    run_threads(work, len(files), workers)
     factors = {"modality": modality}
     if want_attributes:
         pair_labels = _zappos_attributes(zap_folder, photos_small, Image, rare)

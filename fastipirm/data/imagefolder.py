@@ -14,6 +14,8 @@ images to share it. Needs Pillow (optional dependency).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +31,29 @@ def _pillow():
         raise ImportError("the 'imagefolder' data set decodes images with Pillow, which is not "
                           "installed: pip install pillow") from None
     return Image
+
+
+def read_rgb(path: Path, Image, what: str = "image") -> np.ndarray:
+    """One image file as uint8 RGB (H, W, 3); ``ValueError`` naming the file when Pillow cannot
+    decode it (``what``: the data set's word for it, in the message)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:       # PIL's errors for corrupt files
+        raise ValueError(f"{path}: cannot decode the {what} ({exc}); the file is "
+                         "corrupt.") from None
+
+
+def run_threads(work, n: int, workers: Optional[int] = None) -> None:
+    """``work(i)`` for ``i`` in ``range(n)`` on ``workers`` threads (default: up to 8; Pillow
+    decodes without the GIL), or in this thread when one suffices."""
+    threads = workers if workers is not None else min(8, os.cpu_count() or 1)
+    if threads > 1 and n > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(work, range(n)))
+    else:
+        for i in range(n):
+            work(i)
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:

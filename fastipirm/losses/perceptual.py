@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-
-import torch
 from torch import Tensor, nn
+
+from ..models.weights_file import check_fit, read_weights
 
 __all__ = ["VGG16_CFG", "VGG16_LAYER_IDS", "VGG16_URL", "PerceptualDistance", "VGG16Features",
            "load_vgg16", "perceptual_distance"]
@@ -111,46 +110,19 @@ def load_vgg16(path: str | os.PathLike) -> VGG16Features:
     ``FileNotFoundError`` for a missing file, naming where to get it; ``ValueError`` naming the
     missing/unexpected keys or mismatched shapes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"VGG16 weights {str(path)!r} do not exist; download torchvision's ImageNet VGG16 "
-            f"{VGG16_URL} (vgg16-397923af.pth)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable for whatever reason: say so in one line
-        raise ValueError(f"{str(path)!r} cannot be read as VGG16 weights "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    obj = read_weights(path, "VGG16 weights",
+                       f"download torchvision's ImageNet VGG16 {VGG16_URL} (vgg16-397923af.pth)")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a VGG16 state dict")
     vgg = VGG16Features()
-    own = vgg.state_dict()
     state = {k: v for k, v in obj.items() if not str(k).startswith("classifier.")}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
-        raise ValueError(f"{str(path)!r} is not a torchvision VGG16 state dict (features.N.* "
-                         f"keys): " + "; ".join(parts))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if state[k].shape != v.shape]
-    if shapes:
-        raise ValueError(f"{str(path)!r}: tensor shapes are not VGG16's (file vs model): "
-                         f"{_names(shapes, 4)}")
+    check_fit(vgg.state_dict(), state, path,
+              "a torchvision VGG16 state dict (features.N.* keys)")
     vgg.load_state_dict(state, strict=True)
     return _freeze(vgg)
 
-
-def _names(keys, limit: int = 8) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _freeze(vgg: VGG16Features) -> VGG16Features:

@@ -36,12 +36,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from .resnet import ResNet, resnet50
+from .weights_file import check_fit, names, read_weights
 
 __all__ = ["MOCO_V2_FILE", "MOCO_V2_PREFIX", "MOCO_V2_URL", "DCoDREncoder", "MoCoResNet50",
            "convert_official_encoder_state_dict", "load_moco_v2", "moco_v2_strip_and_drop"]
@@ -139,16 +138,11 @@ def moco_v2_strip_and_drop(state: Mapping[str, Tensor]) -> tuple[dict[str, Tenso
     foreign = [k for k in state if not k.startswith(MOCO_V2_PREFIX)]
     if foreign:
         raise ValueError(f"not a MoCo v2 checkpoint: {len(foreign)} key(s) do not start with "
-                         f"{MOCO_V2_PREFIX!r}: {_names(foreign)}")
+                         f"{MOCO_V2_PREFIX!r}: {names(foreign)}")
     stripped = {".".join(k.split(".")[2:]): v for k, v in state.items()}
     keys = list(stripped)
     return {k: stripped[k] for k in keys[:-2]}, keys[-2:]
 
-
-def _names(keys, limit: int = 8) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_moco_v2(encoder: DCoDREncoder | MoCoResNet50, path: str | os.PathLike) -> list[str]:
@@ -161,16 +155,9 @@ def load_moco_v2(encoder: DCoDREncoder | MoCoResNet50, path: str | os.PathLike) 
     the official file). ``FileNotFoundError`` for a missing file (naming where to get it);
     ``ValueError`` naming the missing/unexpected keys or mismatched shapes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"MoCo v2 checkpoint {str(path)!r} does not exist; download the official MoCo release "
-            f"{MOCO_V2_URL} (the DCoDR code reads it as pretrained_weights/{MOCO_V2_FILE})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable for whatever reason: say so in one line
-        raise ValueError(f"{str(path)!r} cannot be read as a MoCo v2 checkpoint "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    obj = read_weights(path, "MoCo v2 checkpoint",
+                       f"download the official MoCo release {MOCO_V2_URL} (the DCoDR code reads "
+                       f"it as pretrained_weights/{MOCO_V2_FILE})")
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
         what = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
         raise ValueError(f"{str(path)!r} is not a MoCo v2 checkpoint: expected a dict with a "
@@ -181,22 +168,8 @@ def load_moco_v2(encoder: DCoDREncoder | MoCoResNet50, path: str | os.PathLike) 
         raise ValueError(f"{str(path)!r}: {exc}") from None
     target = encoder.content_encoder.resnet50 if isinstance(encoder, DCoDREncoder) else \
         encoder.resnet50
-    own = target.state_dict()
-    missing = [k for k in own if k not in kept]
-    unexpected = [k for k in kept if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
-        raise ValueError(f"{str(path)!r} does not fit the DCoDR ResNet-50 after stripping "
-                         f"{MOCO_V2_PREFIX!r} and dropping the last two tensors "
-                         f"({', '.join(dropped)}): " + "; ".join(parts))
-    shapes = [f"{k} {tuple(kept[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if kept[k].shape != v.shape]
-    if shapes:
-        raise ValueError(f"{str(path)!r}: tensor shapes do not fit a ResNet-50 of width "
-                         f"{target.conv1.out_channels} (file vs model): {_names(shapes, 4)}")
+    check_fit(target.state_dict(), kept, path,
+              f"the DCoDR ResNet-50 of width {target.conv1.out_channels} after stripping "
+              f"{MOCO_V2_PREFIX!r} and dropping the last two tensors ({', '.join(dropped)})")
     target.load_state_dict(kept, strict=True)
     return dropped
