@@ -213,13 +213,16 @@ class IpirmConfig:
                                          # official crashes without it)
     mixup_alpha: float = key(1.0, positive)  # ipirm_mixup / mixup: Beta(alpha, alpha) (--alpha)
     debiased: bool = False               # DCL's debiased estimator (official --debiased): the
-                                         # simclr loss; minimization_loss(debiased=) opt-in
-    tau_plus: float = key(0.1, non_negative)  # official DCL prior (unused while debiased = false)
+                                         # simclr baseline's loss (IP-IRM ignores it officially)
+    tau_plus: float = key(0.1, non_negative, below(1.0))  # official DCL prior (debiased only)
     ours_mode: str = key("w", one_of(("w",)))  # official penalty mode: only "w"
     increasing_weight: bool = key(False, not_implemented(
         True, "the official flag calls a missing function and crashes"))
 
     def check(self, cfg: "Config") -> Optional[str]:
+        if self.debiased and cfg.method.name in ("ipirm", "ipirm_mixup"):
+            return ("ipirm.debiased: the official IP-IRM ignores --debiased (only its SimCLR "
+                    'baseline uses it); set method.name = "simclr" for the DCL baseline')
         if cfg.method.name == "ipirm_mixup" and not self.keep_cont:
             return ("ipirm.keep_cont: ipirm_mixup needs the global term (the official "
                     "main_mixup.py crashes without --keep_cont)")
@@ -251,9 +254,20 @@ class PartitionConfig:
     max_epochs: int = key(60, non_negative)  # stop at this epoch index (official 60: 61 epochs)
     at_last_epoch: bool = False          # also partition after the final epoch (never used)
 
+    mixup_max: bool = False              # ipirm_mixup: the online MixUp search (--mixup_max;
+                                         # needs offline = false; lr 0.1, milestones [5, 25] and
+                                         # the stop at 25/5/30 are the official fixed values)
+
     def check(self, cfg: "Config") -> Optional[str]:
         if self.env_num < 2:
             return f"partition.env_num: needs at least 2 environments, got {self.env_num}"
+        if self.mixup_max and cfg.method.name != "ipirm_mixup":
+            return (f"partition.mixup_max: the MixUp search belongs to method.name = "
+                    f"\"ipirm_mixup\", got {cfg.method.name!r}")
+        if self.mixup_max and self.offline:
+            return ("partition.mixup_max: the online MixUp search needs partition.offline = "
+                    "false (the official offline MixUp search, auto_split_offline_mixuup, is "
+                    "used by no script and is not built)")
         if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             return (f"partition.milestones: must be non-negative and increasing, got "
                     f"{self.milestones}")

@@ -38,11 +38,14 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from .data.mixup import mix, mixup_draws
 from .losses.ipirm import maximization_objective
+from .losses.ipirm_mixup import mixup_maximization_objective
 from .models import eval_mode
 
 
@@ -116,7 +119,8 @@ FeatureBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torc
 def online_views(model: torch.nn.Module, loader, augment, *, device: torch.device,
                  generator: Optional[torch.Generator] = None,
                  autocast: Callable = contextlib.nullcontext,
-                 channels_last: bool = False) -> FeatureBatches:
+                 channels_last: bool = False,
+                 mixup_alpha: Optional[float] = None) -> FeatureBatches:
     """The feature batches of the online search (official ``auto_split``): ``epoch -> batches``.
 
     Calling it with a search epoch ``e`` calls ``loader.set_epoch(e)`` (when the loader has it)
@@ -124,16 +128,28 @@ def online_views(model: torch.nn.Module, loader, augment, *, device: torch.devic
     shuffled with ``drop_last``); each batch gets fresh views ``augment(images, generator)``,
     projected with the model in eval mode under ``no_grad`` (the model's mode and the grad mode are
     restored before the batch is yielded), and is yielded as ``(indices, z1, z2)``, float32 on
-    ``device``.
+    ``device``. With ``mixup_alpha`` (the official ``--mixup_max`` search), view 1 is mixed
+    first (:mod:`fastipirm.data.mixup`, from ``generator``) and the batch is ``(indices, z1 of
+    the mixed view, z2, lam, partner)``.
     """
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         for indices, images in loader:
+            extra = ()
+            views = augment
+            if mixup_alpha is not None:
+                lam, partner = mixup_draws(images.shape[0], mixup_alpha, generator=generator,
+                                           device=device)
+                extra = (lam, partner)
+
+                def views(x, g, lam=lam, partner=partner):
+                    v1, v2 = augment(x, g)
+                    return mix(v1, lam, partner), v2
             with torch.no_grad(), eval_mode(model):
-                p1, p2 = _project_pair(model, images.to(device), augment, generator, autocast,
+                p1, p2 = _project_pair(model, images.to(device), views, generator, autocast,
                                        channels_last)
-            yield indices.to(device), p1.float(), p2.float()
+            yield (indices.to(device), p1.float(), p2.float(), *extra)
     return batches
 
 
@@ -162,11 +178,13 @@ def optimize_partition(z1: torch.Tensor, z2: torch.Tensor, init: torch.Tensor, *
             idx = perm[b0:b0 + batch_size]
             yield idx, z1[idx], z2[idx]
 
-    return _search(bank_batches, init, z1.device, temperature=temperature,
-                   irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
-                   constrain_relax=constrain_relax, nonorm=nonorm, lr=lr, milestones=milestones,
+    objective = partial(maximization_objective, temperature=temperature,
+                        irm_temperature=irm_temperature, irm_weight=irm_weight,
+                        constrain=constrain, constrain_relax=constrain_relax, nonorm=nonorm,
+                        backend=backend, penalty=penalty, irm_mode=irm_mode)
+    return _search(bank_batches, init, z1.device, objective, lr=lr, milestones=milestones,
                    gamma=gamma, min_epochs=min_epochs, patience=patience, max_epochs=max_epochs,
-                   backend=backend, penalty=penalty, progress=progress, irm_mode=irm_mode)
+                   progress=progress)
 
 
 def optimize_partition_online(feature_batches: FeatureBatches, init: torch.Tensor, *,
@@ -186,18 +204,47 @@ def optimize_partition_online(feature_batches: FeatureBatches, init: torch.Tenso
     :func:`optimize_partition`.
     """
     device = init.device if device is None else torch.device(device)
-    return _search(feature_batches, init, device, temperature=temperature,
-                   irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
-                   constrain_relax=constrain_relax, nonorm=nonorm, lr=lr, milestones=milestones,
+    objective = partial(maximization_objective, temperature=temperature,
+                        irm_temperature=irm_temperature, irm_weight=irm_weight,
+                        constrain=constrain, constrain_relax=constrain_relax, nonorm=nonorm,
+                        backend=backend, penalty=penalty, irm_mode=irm_mode)
+    return _search(feature_batches, init, device, objective, lr=lr, milestones=milestones,
                    gamma=gamma, min_epochs=min_epochs, patience=patience, max_epochs=max_epochs,
-                   backend=backend, penalty=penalty, progress=progress, irm_mode=irm_mode)
+                   progress=progress)
 
 
-def _search(feature_batches: FeatureBatches, init: torch.Tensor, device: torch.device, *,
-            temperature, irm_temperature, irm_weight, constrain, constrain_relax, nonorm, lr,
-            milestones, gamma, min_epochs, patience, max_epochs, backend, penalty, progress,
-            irm_mode) -> PartitionResult:
-    """The Theta loop shared by the offline and the online search."""
+#: the official online MixUp search's fixed schedule (``auto_split_online_mixup``): Adam lr,
+#: milestones, gamma, and the stop after epoch e when (e > 25 and cnt >= 5) or e == 30
+MIXUP_SEARCH = dict(lr=0.1, milestones=(5, 25), gamma=0.2, min_epochs=25, patience=5,
+                    max_epochs=30)
+
+
+def optimize_partition_online_mixup(feature_batches: FeatureBatches, init: torch.Tensor, *,
+                                    temperature: float, irm_weight: float,
+                                    constrain: bool = True, constrain_relax: bool = True,
+                                    nonorm: bool = False, device: Optional[torch.device] = None,
+                                    progress: Optional[Callable[[int, float], None]] = None
+                                    ) -> PartitionResult:
+    """The official online MixUp search (``--mixup_max``, ``auto_split_online_mixup``): the
+    batches of :func:`online_views` with ``mixup_alpha``, the objective
+    :func:`fastipirm.losses.ipirm_mixup.mixup_maximization_objective` at ``temperature`` (no
+    ``irm_temperature``), and the official fixed schedule :data:`MIXUP_SEARCH`."""
+    device = init.device if device is None else torch.device(device)
+
+    def objective(q, k, theta_rows, lam, partner):
+        return mixup_maximization_objective(q, k, lam, partner, theta_rows,
+                                            temperature=temperature, irm_weight=irm_weight,
+                                            constrain=constrain,
+                                            constrain_relax=constrain_relax, nonorm=nonorm)
+
+    return _search(feature_batches, init, device, objective, progress=progress, **MIXUP_SEARCH)
+
+
+def _search(feature_batches: FeatureBatches, init: torch.Tensor, device: torch.device,
+            objective: Callable, *, lr, milestones, gamma, min_epochs, patience, max_epochs,
+            progress) -> PartitionResult:
+    """The Theta loop shared by the searches: ``objective(z1, z2, theta_rows, *extra)`` of each
+    batch ``(indices, z1, z2, *extra)``."""
     start = time.perf_counter()
     theta = init.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)   # dense Adam over all N x K entries (official)
@@ -209,16 +256,12 @@ def _search(feature_batches: FeatureBatches, init: torch.Tensor, device: torch.d
     while True:
         total = torch.zeros((), dtype=torch.float64, device=device)
         batches = 0
-        for idx, f1, f2 in feature_batches(epoch):
-            objective, _ = maximization_objective(
-                f1, f2, theta[idx], temperature=temperature,
-                irm_temperature=irm_temperature, irm_weight=irm_weight, constrain=constrain,
-                constrain_relax=constrain_relax, nonorm=nonorm, backend=backend, penalty=penalty,
-                irm_mode=irm_mode)
+        for idx, f1, f2, *extra in feature_batches(epoch):
+            value, _ = objective(f1, f2, theta[idx], *extra)
             opt.zero_grad(set_to_none=True)
-            objective.backward()
+            value.backward()
             opt.step()
-            total += objective.detach()
+            total += value.detach()
             batches += 1
         if batches == 0:
             raise ValueError(f"search epoch {epoch} gave no feature batch (with drop_last the "

@@ -138,9 +138,9 @@ def test_choice_lists_come_from_their_modules():
 
 
 def test_first_format_config_is_upgraded():
-    from fastipirm.config import upgrade_v1_dict
+    from fastipirm.config import MOVED, upgrade_v1_dict
     old = Config().to_dict()
-    moved = {k: old["ipirm"].pop(k) for k in list(old["ipirm"])}
+    moved = {k: old["ipirm"].pop(k) for k in list(old["ipirm"]) if ("train", k) in MOVED}
     old["train"].update(moved, baseline=True, penalty="split", backend="torch")
     del old["method"], old["ipirm"], old["op"]
     c = from_dict(upgrade_v1_dict(old))

@@ -214,3 +214,78 @@ def test_the_shipped_mixup_configs_are_the_official_scripts():
     assert load_config("configs/stl_mixup_1000.toml").train.epochs == 1000
     base = load_config("configs/stl_mixup_baseline.toml")
     assert (base.method.name, base.train.temperature) == ("mixup", 0.5)
+
+
+def official_online_mixup_objective(f1, f2, theta, lam, labels_aux, tau, irm_weight):
+    """``auto_split_online_mixup``'s risk of one batch (irm_mode v1, loss_mode v2, the relaxed
+    balance constraint), written as the official code computes it."""
+    bsz = f1.shape[0]
+    param_split = F.softmax(theta, dim=-1)
+    conts, pens = [], []
+
+    def soft_loss(logits, weights):
+        logits_exp = logits.exp()
+        mask = torch.eye(bsz, dtype=torch.bool)
+        weights = weights.unsqueeze(0).repeat(bsz, 1)
+        weight_pos = weights[mask]
+        weights_mask = weights * (~mask)
+        weight_neg_norm = weights_mask / weights_mask.sum(1).unsqueeze(1) * (bsz - 1)
+        weights_new = mask + weight_neg_norm
+        sm = (weights_new * logits_exp) / (weights_new * logits_exp).sum(1).unsqueeze(1)
+        labels = torch.arange(bsz)
+        nll = torch.nn.NLLLoss(reduction="none")
+        cont = (lam * nll(torch.log(sm), labels) + (1. - lam) * nll(torch.log(sm), labels_aux)
+                ).mean()
+        return (cont * weight_pos.squeeze()).sum() / weight_pos.sum()
+
+    for e in range(theta.shape[1]):
+        logits = f1.mm(f2.t()) / tau
+        w = param_split[:, e]
+        conts.append(soft_loss(logits, w))
+        scale = torch.ones((1, bsz), dtype=f1.dtype).requires_grad_()
+        (g,) = torch.autograd.grad(soft_loss(logits * scale, w), [scale], create_graph=True)
+        pens.append(torch.sum(g ** 2))
+    risk = -(torch.stack(conts).mean() + irm_weight * torch.stack(pens).mean())
+    ent = -(param_split.mean(0) * torch.log(param_split.mean(0))).sum()
+    return risk + torch.relu(0.6365 - ent)
+
+
+def test_online_mixup_search_objective_equals_the_official():
+    from fastipirm.losses.ipirm_mixup import mixup_maximization_objective
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    b = 24
+    f1 = F.normalize(torch.randn(b, 8, generator=g, dtype=torch.float64), dim=1)
+    f2 = F.normalize(torch.randn(b, 8, generator=g, dtype=torch.float64), dim=1)
+    lam, partner = mixup_draws(b, generator=g)
+    lam = lam.double()
+    theta = torch.randn(b, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    got, parts = mixup_maximization_objective(f1, f2, lam, partner, theta, temperature=0.2,
+                                              irm_weight=0.5)
+    want = official_online_mixup_objective(f1, f2, theta, lam, partner, 0.2, 0.5)
+    assert torch.allclose(got.double(), want, atol=1e-10)
+    (ga,) = torch.autograd.grad(got, theta)
+    (gb,) = torch.autograd.grad(want, theta)
+    assert torch.allclose(ga.double(), gb, atol=1e-9)
+
+
+def test_online_mixup_search_run(tmp_path):
+    """``partition.mixup_max``: the online MixUp search with its fixed schedule (25-30 search
+    epochs) inside a short run; the config rules around it."""
+    from fastipirm import train as trainmod
+    from fastipirm.checkpoint import load_checkpoint
+    from fastipirm.config import load_config
+    from test_train import tiny_config
+
+    sets = ["method.name=ipirm_mixup", "train.temperature=0.2", "partition.offline=false",
+            "partition.mixup_max=true", "train.epochs=1", "partition.maximize_iter=1"]
+    cfg = load_config(tiny_config(tmp_path, sets=sets))
+    trainmod.train(cfg, log=lambda s: None)
+    log = load_checkpoint(tmp_path / "runs" / "tiny")["method"]["partition_log"]
+    assert len(log) == 1 and 26 <= log[0]["epochs_run"] <= 31 and log[0]["best_epoch"] >= 0
+    with pytest.raises(ValueError, match="partition.mixup_max: the online MixUp search needs"):
+        load_config(tiny_config(tmp_path, name="a.toml",
+                                sets=["method.name=ipirm_mixup", "partition.mixup_max=true"]))
+    with pytest.raises(ValueError, match="partition.mixup_max: the MixUp search belongs"):
+        load_config(tiny_config(tmp_path, name="b.toml",
+                                sets=["partition.offline=false", "partition.mixup_max=true"]))

@@ -4,9 +4,9 @@ from .dcodr import dcodr_contrastive_loss
 from .ipirm import (balance_constraint, maximization_objective, memberships_from_logits,
                     minimization_loss, relaxed_entropy_threshold)
 from .perceptual import PerceptualDistance, load_vgg16
-from .simclr import nt_xent
+from .simclr import debiased_nt_xent, nt_xent
 
-__all__ = ["nt_xent", "clica_infonce", "clica_similarity", "minimization_loss",
+__all__ = ["nt_xent", "debiased_nt_xent", "clica_infonce", "clica_similarity", "minimization_loss",
            "maximization_objective", "balance_constraint", "memberships_from_logits",
            "relaxed_entropy_threshold", "dcodr_contrastive_loss", "PerceptualDistance",
            "load_vgg16"]

@@ -56,3 +56,51 @@ def imix_environment_terms(q: Tensor, k: Tensor, envs: Tensor, lam: Tensor, part
         0, inverse, losses) / counts.to(losses.dtype)
     _, penalties = key_group_penalty(key_grads, envs)
     return per_env.mean(), penalties.mean()
+
+
+def mixup_maximization_objective(q: Tensor, k: Tensor, lam: Tensor, partner: Tensor,
+                                 logits: Tensor, *, temperature: float, irm_weight: float,
+                                 constrain: bool = True, constrain_relax: bool = True,
+                                 nonorm: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """The objective of the online MixUp partition search (official ``--mixup_max``,
+    ``auto_split_online_mixup``) on one feature batch; minimise it over ``logits`` (B, K).
+
+    ``q`` the mixed view-1 projections, ``k`` the clean view-2 ones (fixed), ``S = q k^T / tau``.
+    For environment ``e`` with soft memberships ``w = softmax(logits)[:, e]``: column weights
+    ``W_ii = 1`` and ``W_ij = (B - 1) w_j / sum_{l != i} w_l``, ``p_ij = W_ij e^{S_ij} / sum_l
+    W_il e^{S_il}`` (the partner's numerator carries its weight), ``L_e = mean_i [lam_i (-log
+    p_ii) + (1 - lam_i)(-log p_i,partner(i))]`` (the official takes the mean before its anchor
+    weighting, which therefore cancels), ``R_e = sum_j (dL_e / ds_j)^2`` for a scale ``s_j`` of
+    column ``j``. ``J = -(mean_e L_e + irm_weight mean_e R_e) + C(q)`` with IP-IRM's balance term.
+    Plain torch (B x B per environment, double backward for the penalty): a search step, not the
+    training hot path.
+    """
+    from .ipirm import balance_constraint
+
+    b = q.shape[0]
+    s = q @ k.T / temperature
+    eye = torch.eye(b, dtype=torch.bool, device=q.device)
+    soft = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+    own = torch.arange(b, device=q.device)
+    lam = lam.to(s.dtype)
+    losses, penalties = [], []
+    for e in range(soft.shape[1]):
+        w = soft[:, e].to(s.dtype)
+        off = w.unsqueeze(0).expand(b, b).masked_fill(eye, 0.0)
+        weights = torch.where(eye, torch.ones_like(off), off / off.sum(1, keepdim=True) * (b - 1))
+        scale = torch.ones(1, b, dtype=s.dtype, device=q.device, requires_grad=True)
+
+        def env_loss(logits_):
+            logp = torch.log(weights) + logits_
+            logp = logp - torch.logsumexp(logp, dim=1, keepdim=True)
+            return (lam * -logp[own, own] + (1 - lam) * -logp[own, partner]).mean()
+
+        losses.append(env_loss(s))
+        (g,) = torch.autograd.grad(env_loss(s * scale), scale, create_graph=True)
+        penalties.append((g * g).sum())
+    loss, pen = torch.stack(losses).mean(), torch.stack(penalties).mean()
+    constraint = balance_constraint(soft, constrain=constrain, constrain_relax=constrain_relax,
+                                    nonorm=nonorm)
+    objective = -(loss + irm_weight * pen) + constraint
+    return objective, {"loss": loss.detach(), "penalty": pen.detach(),
+                       "constraint": constraint.detach()}

@@ -93,7 +93,9 @@ class IPIRM(Method):
 
         Offline (``partition.offline``): one feature bank, then the search on it. Online: a
         shuffled ``drop_last`` loader of ``partition.batch_size`` images whose order of search
-        epoch ``e`` is a pure function of (seed, ``epoch``, ``e``), fresh views every search epoch.
+        epoch ``e`` is a pure function of (seed, ``epoch``, ``e``), fresh views every search epoch;
+        with ``partition.mixup_max`` (IP-IRM + MixUp's CIFAR-100 runs) view 1 is mixed and the
+        search is the official online MixUp one, with its fixed schedule.
         """
         ctx, cfg = self.ctx, self.ctx.cfg
         pc, seed = cfg.partition, cfg.run.seed
@@ -115,9 +117,10 @@ class IPIRM(Method):
                     ctx.train_set, pc.batch_size, seed=seed, shuffle=True, drop_last=True,
                     device=ctx.device)
             loader.seed = derive_seed(seed, Stream.THETA_ORDER, epoch)
-            batches = part.online_views(ctx.forward, loader, ctx.augment, device=ctx.device,
-                                        generator=ctx.generator, autocast=ctx.autocast,
-                                        channels_last=cfg.model.channels_last)
+            batches = part.online_views(
+                ctx.forward, loader, ctx.augment, device=ctx.device, generator=ctx.generator,
+                autocast=ctx.autocast, channels_last=cfg.model.channels_last,
+                mixup_alpha=cfg.ipirm.mixup_alpha if pc.mixup_max else None)
         init = part.initial_logits(n, pc.env_num, random_init=pc.random_init,
                                    previous=self.last_theta,
                                    generator=derived_generator(seed, Stream.THETA_INIT, epoch),
@@ -141,6 +144,11 @@ class IPIRM(Method):
                 result = part.optimize_partition(
                     z1, z2, init, batch_size=pc.batch_size,
                     generator=derived_generator(seed, Stream.THETA_ORDER, epoch), **search)
+            elif pc.mixup_max:
+                result = part.optimize_partition_online_mixup(
+                    batches, init, device=ctx.device, temperature=cfg.train.temperature,
+                    irm_weight=pc.irm_weight_maxim, constrain=pc.constrain,
+                    constrain_relax=pc.constrain_relax, nonorm=pc.nonorm, progress=progress)
             else:
                 result = part.optimize_partition_online(batches, init, device=ctx.device,
                                                         **search)
