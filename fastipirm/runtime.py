@@ -196,10 +196,14 @@ def training_views(cfg, train_set, device: torch.device,
                                  cfg.clica.steps_per_epoch, cfg.run.seed)
     if cfg.method.name in DOMAIN_METHODS:
         d = cfg.dcodr
-        return DomainBatches(train_set, domain_values(train_set, cfg.data.domain_factor),
-                             domains_per_batch=d.domains_per_batch,
-                             samples_per_domain=d.samples_per_domain, seed=cfg.run.seed,
-                             device=device, generator=generator)
+        pipeline = choose_pipeline(cfg.data.pipeline, device)
+        try:
+            return DomainBatches(train_set, domain_values(train_set, cfg.data.domain_factor),
+                                 domains_per_batch=d.domains_per_batch,
+                                 samples_per_domain=d.samples_per_domain, seed=cfg.run.seed,
+                                 device=device, generator=generator, pipeline=pipeline)
+        except ImportError as exc:
+            raise ValueError(f"data.pipeline = \"{pipeline}\": {exc}") from None
     n, batch = len(train_set.images), cfg.train.batch_size
     if n < batch:
         raise ValueError(f"train.batch_size: {batch} is larger than the {n} images of "

@@ -292,3 +292,26 @@ def test_the_shipped_dcodr_configs_follow_the_official_scripts():
             assert cfg.train.betas == [0.5, 0.999] and cfg.train.epochs == 200
             assert cfg.eval.factor_probes
     assert load_config("configs/dcodr/celeba.toml").data.min_images == 20
+
+
+def test_dali_positives_follow_the_recipe():
+    """The DALI graph of the positives (CPU DALI): the same batches, anchors = the images in
+    [0, 1], positives in [0, 1], about a quarter of them exactly the torch blur."""
+    pytest.importorskip("nvidia.dali")
+    from fastipirm.data.domain_batches import DomainBatches
+
+    class Data:
+        images = np.random.default_rng(fresh_seed() % 2**32).integers(
+            0, 256, (96, 16, 16, 3), dtype=np.uint8)
+
+    domains = np.repeat(np.arange(4), 24)
+    kw = dict(domains_per_batch=2, samples_per_domain=8, seed=3, device="cpu")
+    dali = DomainBatches(Data, domains, generator=torch.Generator(), pipeline="dali", **kw)
+    plain = DomainBatches(Data, domains, generator=torch.Generator(), **kw)
+    blurred = total = 0
+    for (i1, a1, p1), (i2, a2, _) in zip(dali.epoch(2), plain.epoch(2)):
+        assert torch.equal(i1, i2) and torch.allclose(a1, a2, atol=1e-6)
+        assert p1.shape == a1.shape and float(p1.min()) >= 0 and float(p1.max()) <= 1
+        blurred += int(((p1 - gaussian_blur5(a1)).abs().flatten(1).max(1).values < 1e-4).sum())
+        total += len(i1)
+    assert 0.05 < blurred / total < 0.5

@@ -108,6 +108,95 @@ def _augment_view(images, *, out_size, scale, ratio, flip_p, jitter, jitter_p, g
                                     mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
 
 
+def dali_to_torch(tensor_list, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A DALI batch output as one torch tensor on ``device`` (a copy on the GPU, a view of the
+    pipeline's buffer copied out on the CPU)."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(tensor_list.as_tensor()))
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    out = torch.empty(tensor_list.as_tensor().shape(), dtype=dtype, device=device)
+    feed_ndarray(tensor_list, out, cuda_stream=torch.cuda.current_stream(device))
+    return out
+
+
+def _dcodr_positive(images, size: tuple[int, int]):
+    """DCoDR's positive of each anchor (:mod:`fastipirm.data.dcodr_augment`) as a DALI graph:
+    all four augmentations computed, one kept per sample by a uniform draw (no conditionals).
+    Returns (anchors, positives) as float HWC in [0, 1]."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    x = fn.cast(images, dtype=types.FLOAT)
+    blur = fn.gaussian_blur(x, window_size=5, sigma=1.0)
+    gray_mean = fn.reductions.mean(fn.hsv(x, saturation=0.0, dtype=types.FLOAT))
+    contrast = fn.brightness_contrast(x, contrast=fn.random.uniform(range=(1.8, 3.0)),
+                                      contrast_center=gray_mean, dtype=types.FLOAT)
+    crop = fn.cast(fn.random_resized_crop(images, size=size, random_area=(0.5, 1.0),
+                                          random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10,
+                                          interp_type=types.INTERP_LINEAR), dtype=types.FLOAT)
+    saturation = fn.hsv(x, saturation=fn.random.uniform(range=(1.8, 3.0)), dtype=types.FLOAT)
+    choice = fn.random.uniform(values=[0, 1, 2, 3], dtype=types.INT32)
+    pick = [fn.cast(choice == k, dtype=types.FLOAT) for k in range(4)]
+    positive = (pick[0] * blur + pick[1] * dmath.clamp(contrast, 0.0, 255.0) + pick[2] * crop
+                + pick[3] * dmath.clamp(saturation, 0.0, 255.0))
+    return x / 255.0, positive / 255.0
+
+
+class DaliDomainLoader:
+    """DCoDR's batches (:class:`fastipirm.data.domain_batches.DomainBatches`) made by DALI:
+    ``(indices, anchors, positives)`` per batch of ``batches`` (the epoch's index arrays, each at
+    most ``max_batch`` long), float32 NCHW in [0, 1], on ``device`` (``"cpu"``: DALI with
+    ``device_id=None``). The draws come from a pipeline seed derived from (seed, epoch)."""
+
+    def __init__(self, images: np.ndarray, *, seed: int, device="cpu",
+                 num_threads: Optional[int] = None):
+        _require_dali()
+        self.images = images
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.device_id = None if self.device.type == "cpu" else (
+            self.device.index if self.device.index is not None else torch.cuda.current_device())
+        self.num_threads = num_threads or max(1, min(4, os.cpu_count() or 1))
+
+    def epoch(self, epoch: int, batches: list) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]]:
+        from nvidia.dali import fn, pipeline_def, types
+
+        size = (self.images.shape[1], self.images.shape[2])
+        gpu = self.device_id is not None
+
+        @pipeline_def(batch_size=max(len(b) for b in batches), num_threads=self.num_threads,
+                      device_id=self.device_id, seed=epoch_seed(self.seed, epoch),
+                      prefetch_queue_depth=1)
+        def pipe():
+            def source(info):
+                if info.iteration >= len(batches):
+                    raise StopIteration
+                idx = batches[info.iteration]
+                return self.images[idx], idx.astype(np.int64)
+
+            images, idx = fn.external_source(source=source, num_outputs=2, batch=True,
+                                             batch_info=True, layout=["HWC", ""],
+                                             dtype=[types.UINT8, types.INT64])
+            if gpu:
+                images = images.gpu()
+            anchors, positives = _dcodr_positive(images, size)
+            return anchors, positives, idx
+
+        p = pipe()
+        p.build()
+        try:
+            for _ in range(len(batches)):
+                a, b, idx = p.run()
+                anchors = dali_to_torch(a, self.device).permute(0, 3, 1, 2)
+                positives = dali_to_torch(b, self.device).permute(0, 3, 1, 2)
+                indices = torch.from_numpy(np.array(idx.as_tensor()).reshape(-1).astype(np.int64))
+                yield indices.to(self.device), anchors.contiguous(), positives.contiguous()
+        finally:
+            del p
+
+
 class DaliTwoViewLoader:
     """Batches of ``(indices (B,), view1, view2)`` made by a DALI pipeline.
 
@@ -227,14 +316,9 @@ class DaliTwoViewLoader:
         return p
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
-        if self.device_id is None:
-            return torch.from_numpy(np.array(tensor_list.as_tensor()))
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        dense = tensor_list.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.float16 if self.aug["out_dtype"] == "FLOAT16"
-                          else torch.float32, device=self.device)
-        feed_ndarray(tensor_list, out, cuda_stream=torch.cuda.current_stream(self.device))
-        return out
+        return dali_to_torch(tensor_list, self.device,
+                             torch.float16 if self.aug["out_dtype"] == "FLOAT16"
+                             else torch.float32)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self.order().numpy()

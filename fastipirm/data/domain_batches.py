@@ -14,7 +14,8 @@ so an epoch is a pure function of them and a resumed run draws what the uninterr
 (the official carries its pointers over from one epoch to the next and uses NumPy's global
 generator). Each batch is ``(indices, anchors, positives)`` on the device: float images in
 [0, 1] (no mean/std normalisation), the anchors un-augmented, one positive view each
-(:func:`.dcodr_augment.dcodr_positive_views`).
+(:func:`.dcodr_augment.dcodr_positive_views`; with ``pipeline="dali"`` the same recipe as a DALI
+graph, :class:`.dali.DaliDomainLoader`, whose draws derive from (seed, epoch)).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class DomainBatches:
 
     def __init__(self, dataset, domains: np.ndarray, *, domains_per_batch: int = 4,
                  samples_per_domain: int = 32, seed: int, device,
-                 generator: torch.Generator):
+                 generator: torch.Generator, pipeline: str = "torch"):
         domains = np.asarray(domains)
         if domains.shape != (len(dataset.images),):
             raise ValueError(f"domains must hold one value per image ({len(dataset.images)}), "
@@ -81,15 +82,26 @@ class DomainBatches:
         if len(domains) <= self.batch:
             raise ValueError(f"a DCoDR batch holds {self.batch} images but the data set has only "
                              f"{len(domains)} (dcodr.domains_per_batch, dcodr.samples_per_domain)")
-        self.images = torch.from_numpy(dataset.images).to(self.device)      # uint8 NHWC
-        self.domain_tensor = torch.from_numpy(domains.astype(np.int64)).to(self.device)
+        if pipeline not in ("torch", "dali"):
+            raise ValueError(f"pipeline must be torch or dali, got {pipeline!r}")
+        self.pipeline = pipeline
+        self.dali = None
+        if pipeline == "dali":
+            from .dali import DaliDomainLoader
+            self.dali = DaliDomainLoader(dataset.images, seed=seed, device=self.device)
+        else:
+            self.images = torch.from_numpy(dataset.images).to(self.device)      # uint8 NHWC
 
     def __len__(self) -> int:
         return (len(self.domains) - 1) // self.batch
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         gen = derived_generator(self.seed, Stream.DOMAIN_BATCHES, epoch)
-        for idx in domain_batch_indices(self.domains, self.per, self.samples, gen):
+        batches = domain_batch_indices(self.domains, self.per, self.samples, gen)
+        if self.dali is not None:
+            yield from self.dali.epoch(epoch, batches)
+            return
+        for idx in batches:
             indices = torch.from_numpy(idx).to(self.device, non_blocking=True)
             x = self.images[indices].permute(0, 3, 1, 2).float().div_(255.0)
             yield indices, x, dcodr_positive_views(x, self.generator)
