@@ -42,5 +42,5 @@ def test_mixup_step_benchmark_tiny(tmp_path):
     (path,) = tmp_path.glob("mixup_step_*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["ipirm", "ipirm_mixup", "official-mixup"]
-    assert rows[0]["over_ipirm_step"] == 1.0 and rows[1]["target"] == 2.0
+    assert rows[0]["over_ipirm_step"] == 1.0 and rows[1]["target"] is None     # P = 2
     assert all(r["median_ms"] > 0 for r in rows)
