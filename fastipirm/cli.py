@@ -101,6 +101,8 @@ def _cmd_train(args) -> int:
     from .runtime import run_dir
     from .train import run
 
+    # under torchrun, rank 0 alone prints the notes (errors are printed by every rank)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         if args.resume == "auto":                 # resume when the run has a checkpoint
             if not args.config:
@@ -108,15 +110,15 @@ def _cmd_train(args) -> int:
                 return 2
             found = run_dir(load_config(args.config, args.set)) / CHECKPOINT
             if found.exists():
-                print(f"--resume auto: resuming {found}")
+                say(f"--resume auto: resuming {found}")
                 args.resume, args.config = str(found), None
             else:
-                print(f"--resume auto: no checkpoint in {found.parent}, starting fresh")
+                say(f"--resume auto: no checkpoint in {found.parent}, starting fresh")
                 args.resume = None
         if args.resume:
             if args.config:
-                print(f"note: --resume uses the config stored in {args.resume}; "
-                      f"--config {args.config} is ignored (use --set to change keys)")
+                say(f"note: --resume uses the config stored in {args.resume}; "
+                    f"--config {args.config} is ignored (use --set to change keys)")
             cfg = config_from_checkpoint(args.resume, args.set)
         elif args.config:
             cfg = load_config(args.config, args.set)
@@ -124,7 +126,11 @@ def _cmd_train(args) -> int:
             print("fastipirm: error: train needs --config PATH (or --resume CHECKPOINT)",
                   file=sys.stderr)
             return 2
-        run(cfg, resume=args.resume)
+        from . import distributed
+        try:
+            run(cfg, resume=args.resume)
+        finally:
+            distributed.shutdown()
     except _expected_errors() as exc:
         return _report(exc)
     except KeyboardInterrupt:

@@ -175,6 +175,8 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False                # torch.compile the model
     bn_splits: int = key(1, positive)    # BN groups per view in training (2 = official 2 GPUs)
+    sync_bn: bool = False                # multi-process runs: SyncBatchNorm over the ranks
+                                         # (false: per-rank BN, as DataParallel; GPUs only)
 
     def check(self, cfg: "Config") -> Optional[str]:
         if cfg.train.batch_size % self.bn_splits:

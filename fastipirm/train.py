@@ -21,6 +21,10 @@ Reproducibility: the batch order is a pure function of (seed, epoch); every rand
 derives from the run seed (:mod:`fastipirm.seeding`); the checkpoint holds the model, optimiser,
 scaler, the method's state and every RNG state, so a run resumed on CPU reproduces the
 uninterrupted one bit for bit.
+
+Several processes (``torchrun``, ``docs/distributed.md``): every rank makes the same global
+batch and trains on its share, the model is wrapped in DDP, the methods gather their keys from
+every rank, and rank 0 alone logs, evaluates and writes; world size 1 is the above unchanged.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import runtime
+from . import distributed, runtime
 from .checkpoint import CHECKPOINT, FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .config import Config, write_config
 from .data.clica_sources import CLICA_SOURCES
@@ -42,6 +46,9 @@ from .runlog import (RunLog, comparison_table, plot_comparison, plot_curves, pro
                      write_csv, write_json)
 from .runtime import TrainingDiverged
 from .seeding import Stream, derived_generator
+
+# the methods that train under DDP with the global batch's semantics (docs/distributed.md)
+DDP_METHODS = ("simclr", "ipirm", "clica", "clica_supervised", "dcodr_norec")
 
 EPOCH_TAIL = ["knn_top1", "knn_top5", "r2", "mcc", "img_per_s", "epoch_seconds", "knn_seconds",
               "peak_mem_gb"]
@@ -57,32 +64,49 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     """
     # 1. setup -----------------------------------------------------------------------------------
     t, seed = cfg.train, cfg.run.seed
+    dinfo = distributed.init_from_env(cfg.run.device)   # world size 1: no process group
+    world, main = dinfo.world_size, dinfo.main
+    if not main:                                         # rank 0 alone logs and writes
+        log = _silent
     device = runtime.setup(cfg)
+    if world > 1:
+        device = _check_distributed(cfg, device, dinfo)
+    progress = cfg.run.progress and main
     autocast = runtime.autocast_factory(device, t.amp)
     out = runtime.run_dir(cfg)
     ckpt_path = out / CHECKPOINT
     label = METHODS[cfg.method.name].label
     log(f"[{cfg.run.name}] {label} on {cfg.data.name}/{cfg.data.split}, device {device}, amp "
-        f"{t.amp if runtime.amp_active(device, t.amp) else 'none'}, run dir {out}")
+        f"{t.amp if runtime.amp_active(device, t.amp) else 'none'}, run dir {out}"
+        + (f", {world} processes (global batch {t.batch_size})" if world > 1 else ""))
 
     # 2. data ------------------------------------------------------------------------------------
     train_set = runtime.load_split(cfg, cfg.data.split)
     memory_set, test_set = runtime.load_eval_splits(cfg, train_set, log)
     aug_gen = derived_generator(seed, Stream.AUGMENT, device=device)
     views = runtime.training_views(cfg, train_set, device, aug_gen)
-    out.mkdir(parents=True, exist_ok=True)              # only once the data has loaded
-    write_config(cfg, out / "config.toml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)          # only once the data has loaded
+        write_config(cfg, out / "config.toml")
 
     # 3. model, optimiser, AMP, method -------------------------------------------------------------
     model = runtime.training_model(cfg, device, resuming=bool(resume), log=log)
-    forward = torch.compile(model) if cfg.model.compile else model
+    forward = plain_forward = torch.compile(model) if cfg.model.compile else model
+    if world > 1:                 # DDP: gradients averaged over the ranks (docs/distributed.md)
+        if cfg.model.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            forward = plain_forward = torch.compile(model) if cfg.model.compile else model
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward = torch.compile(wrapped) if cfg.model.compile else wrapped
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                  betas=tuple(t.betas))
     scaler = runtime.grad_scaler(device, t.amp)
     method = build_method(cfg.method.name, MethodContext(
         cfg, model, optimizer, device, scaler=scaler, forward=forward, autocast=autocast,
         train_set=train_set, augment=views.augment, generator=aug_gen, log=log,
-        progress=lambda total, desc: progress_bar(cfg.run.progress, total, desc)))
+        progress=lambda total, desc: progress_bar(progress, total, desc),
+        plain_forward=plain_forward))
     evaluation = RunEvaluation(cfg, memory_set, test_set, device=device, autocast=autocast,
                                augment=views.augment, log=log,
                                source=train_set if cfg.data.name in CLICA_SOURCES else None)
@@ -91,6 +115,11 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     start_epoch, step, history = 0, 0, []
     if resume:
         ckpt = load_checkpoint(resume)
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(f"{resume} was written by a run on {saved_world} process(es); "
+                             f"resume it on {saved_world} (this run has {world}): the data "
+                             "order and the optimiser state follow the world size")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -106,7 +135,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     metrics = ["loss", *method.metric_names]
     runlog = RunLog(out, ["epoch", "step", *metrics, *method.epoch_fields, *EPOCH_TAIL],
                     ["epoch", "step", *metrics, "img_per_s"], tensorboard=cfg.run.tensorboard,
-                    resume_step=step if resume else None, log=log)
+                    resume_step=step if resume else None, log=log) if main else _NullLog()
 
     def last_good() -> str:
         return (f"{ckpt_path} (kept unchanged)" if ckpt_path.exists()
@@ -119,15 +148,17 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         method.begin_epoch(epoch)
         sums = torch.zeros(len(metrics), dtype=torch.float64, device=device)
         steps = len(views)
-        bar = progress_bar(cfg.run.progress, steps, f"epoch {epoch}/{t.epochs}")
+        bar = progress_bar(progress, steps, f"epoch {epoch}/{t.epochs}")
         last_time, last_i = time.perf_counter(), 0
-        for i, (indices, v1, v2) in enumerate(views.epoch(epoch), 1):
+        for i, batch in enumerate(views.epoch(epoch), 1):
+            # every rank makes the same global batch; each trains on its contiguous share
+            indices, v1, v2 = distributed.shard(batch, world, dinfo.rank)
             loss, parts = method.step(indices, v1, v2)
             step += 1
             values = torch.stack([loss, *(parts[k] for k in method.metric_names)]).double()
             sums += values
             if i % cfg.run.log_every == 0 or i == steps:           # the only host syncs
-                current = dict(zip(metrics, values.tolist()))
+                current = dict(zip(metrics, distributed.mean_across(values).tolist()))
                 if not all(math.isfinite(v) for v in current.values()):
                     if bar is not None:
                         bar.close()
@@ -144,7 +175,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
                     bar.set_postfix(loss=f"{current['loss']:.4f}", img_s=f"{img_per_s:.0f}")
         if bar is not None:
             bar.close()
-        means = dict(zip(metrics, (sums / steps).tolist()))
+        means = dict(zip(metrics, (distributed.mean_across(sums) / steps).tolist()))
         if not all(math.isfinite(v) for v in means.values()):
             raise TrainingDiverged(f"the mean loss of epoch {epoch} is not finite "
                                    f"({means['loss']}); training stopped. The last good "
@@ -153,7 +184,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         row = {"epoch": epoch, "step": step, **means,
                **method.end_epoch(epoch, last=epoch == t.epochs),
                "img_per_s": steps * t.batch_size / train_seconds, "epoch_seconds": train_seconds}
-        row.update(evaluation.after_epoch(epoch, forward))
+        if main:                                  # evaluation once, on rank 0
+            row.update(evaluation.after_epoch(epoch, plain_forward))
+        distributed.barrier()
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(row)
@@ -162,8 +195,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
             + (f"  kNN {row['knn_top1']:.2f}%" if row.get("knn_top1") is not None else "")
             + (f"  R² {row['r2']:.4f} MCC {row['mcc']:.4f}" if row.get("r2") is not None else ""))
         runlog.epoch(history)
-        if epoch % cfg.run.ckpt_every == 0 or epoch == t.epochs:
+        if main and (epoch % cfg.run.ckpt_every == 0 or epoch == t.epochs):
             atomic_save({"format": FORMAT, "config": cfg.to_dict(), "epoch": epoch, "step": step,
+                         "world_size": world,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "method": method.state_dict(),
                          "rng": capture_rng(device, {"augment": aug_gen}), "history": history},
@@ -173,6 +207,16 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     runlog.close()
 
     # 6. the end ---------------------------------------------------------------------------------
+    if not main:                  # rank 0 evaluates and writes; the others take its summary
+        return distributed.broadcast_object(None)
+    summary = _finish(cfg, out, label, t, step, history, method, evaluation, model, ckpt_path,
+                      world, log)
+    return distributed.broadcast_object(summary)
+
+
+def _finish(cfg, out, label, t, step, history, method, evaluation, model, ckpt_path, world,
+            log) -> dict:
+    """Rank 0's end of a run: curves, the final probes, ``summary.json``."""
     if cfg.run.plot and history:
         if plot_curves(history, out / "curves.png", f"{cfg.run.name} ({label})"):
             log(f"curves: {out / 'curves.png'}")
@@ -186,7 +230,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
                                  if h.get("knn_top1") is not None), None),
                "knn_curve": [[h["epoch"], h["knn_top1"]] for h in history
                              if h.get("knn_top1") is not None],
-               **method.summary()}
+               "world_size": world, **method.summary()}
     final = evaluation.final(model)
     if "linear" in final:
         write_csv(out / "linear.csv", HISTORY_FIELDS, final["linear"]["history"])
@@ -201,6 +245,49 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     summary.update(final.get("identifiability", {}))
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _silent(message: str) -> None:
+    """The ``log`` of ranks other than 0."""
+
+
+class _NullLog:
+    """The run log of ranks other than 0: writes nothing."""
+
+    def step(self, row: dict) -> None:
+        pass
+
+    def epoch(self, history: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _check_distributed(cfg, device: torch.device, dinfo) -> torch.device:
+    """The checks of a multi-process run; returns this rank's device (``cuda:LOCAL_RANK``)."""
+    world = dinfo.world_size
+    if cfg.method.name not in DDP_METHODS:
+        raise ValueError(f"method.name: {cfg.method.name!r} does not train on several processes "
+                         f"yet (multi-process methods: {', '.join(DDP_METHODS)}); run it on one")
+    if cfg.method.name == "dcodr_norec":
+        batch = cfg.dcodr.domains_per_batch * cfg.dcodr.samples_per_domain
+        what = "dcodr.domains_per_batch x dcodr.samples_per_domain"
+    else:
+        batch, what = cfg.train.batch_size, "train.batch_size"
+    if batch % world:
+        raise ValueError(f"{what} ({batch}, the global batch) is not divisible by the world size "
+                         f"{world}")
+    if cfg.model.bn_splits != 1:
+        raise ValueError("model.bn_splits emulates DataParallel's BN groups on one process; on "
+                         "several processes every rank's BN is one group already (set it to 1)")
+    if device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
+        torch.cuda.set_device(device)
+    elif cfg.model.sync_bn:
+        raise ValueError("model.sync_bn: SyncBatchNorm runs on GPUs only (torch); on the CPU "
+                         "set it to false (per-rank BN)")
+    return device
 
 
 def _values(values: dict) -> str:
@@ -221,14 +308,22 @@ def run(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], None]
     ``run.compare_random`` also evaluate the untrained network; then print the comparison table
     and draw the comparison figure."""
     start = time.perf_counter()
+    distributed.init_from_env(cfg.run.device)
+    main = distributed.is_main()
+    if not main:
+        log = _silent
     summary = train(cfg, resume=resume, log=log)
     rows = [(METHODS[cfg.method.name].label, summary)]
     if cfg.run.compare_baseline and cfg.method.name != "simclr":
         rows.append(("SimCLR", train(baseline_config(cfg), log=log)))
+    if not main:                  # rank 0 evaluates the untrained network and compares
+        return summary
     if cfg.run.compare_random:
         rows.append(("random init", evaluate_initialisation(cfg, log=log)))
+    world = distributed.world_size()
+    where = f" on {world} processes (world size {world})" if world > 1 else ""
     if len(rows) == 1:
-        log(f"done in {time.perf_counter() - start:.1f}s")
+        log(f"done in {time.perf_counter() - start:.1f}s{where}")
         return summary
     names = " vs ".join(label for label, _ in rows)
     table = comparison_table(rows, cfg.data.label_factor if cfg.data.name == "synthetic" else "")
@@ -240,5 +335,5 @@ def run(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], None]
             for label, s in rows}
     both.update(table=table, seconds=time.perf_counter() - start)
     write_json(stem.with_suffix(".json"), both)
-    log(f"done in {both['seconds']:.1f}s")
+    log(f"done in {both['seconds']:.1f}s{where}")
     return both

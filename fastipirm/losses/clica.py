@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .. import distributed
 from ..ops import masked_contrastive_loss
 
 
@@ -36,5 +37,18 @@ def clica_infonce(h: torch.Tensor, h_pos: torch.Tensor, *, p: float, temperature
     """CL-ICA's loss of the anchors' codes ``h`` and their positives' ``h_pos`` (B, n): a
     scalar, the mean over the anchors (every anchor, itself included, is a negative)."""
     return masked_contrastive_loss(h, positives=h_pos, include_self=True,
+                                   temperature=temperature, backend=backend,
+                                   check_values=check_values, **clica_similarity(p))
+
+
+def clica_infonce_gathered(h: torch.Tensor, h_pos: torch.Tensor, *, p: float,
+                           temperature: float, backend: Optional[str] = None,
+                           check_values: bool = True) -> torch.Tensor:
+    """:func:`clica_infonce` of this rank's anchors against the anchors of every rank (the op's
+    DDP form: keys gathered with gradient, ``self_index`` the local anchors' columns): the mean
+    over the local anchors; its mean over equal ranks is the global batch's loss."""
+    keys = distributed.all_gather_grad(h)
+    return masked_contrastive_loss(h, keys, positives=h_pos, include_self=True,
+                                   self_index=distributed.local_columns(h.shape[0], h.device),
                                    temperature=temperature, backend=backend,
                                    check_values=check_values, **clica_similarity(p))

@@ -21,21 +21,33 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..ops import masked_contrastive_loss
 
 
 def dcodr_contrastive_loss(z: torch.Tensor, z_pos: torch.Tensor, domains: torch.Tensor, *,
                            temperature: float, domain_negatives: bool = True,
                            positives: bool = True, backend: Optional[str] = None,
-                           check_values: bool = True) -> torch.Tensor:
+                           check_values: bool = True, gather: bool = False) -> torch.Tensor:
     """DCoDR's loss of the anchors' codes ``z`` (B, D), their positives' ``z_pos`` (B, D) and
-    the anchors' ``domains`` (B,) ints: a scalar, the mean over the anchors."""
+    the anchors' ``domains`` (B,) ints: a scalar, the mean over the anchors.
+
+    ``gather``: the op's DDP form, this rank's anchors against the anchors of every rank (keys
+    and their domains gathered, ``self_index`` the local columns); the mean over the local
+    anchors, whose mean over equal ranks is the global batch's loss."""
     z = F.normalize(z, dim=1)
     if positives:
         z_pos = F.normalize(z_pos, dim=1)
     else:                    # a positive of similarity exactly 1: the anchor itself, detached
         z_pos = z.detach()
     groups = domains if domain_negatives else None
+    if gather:
+        keys = distributed.all_gather_grad(z)
+        key_groups = None if groups is None else distributed.all_gather_nograd(groups)
+        return masked_contrastive_loss(
+            z, keys, positives=z_pos, query_groups=groups, key_groups=key_groups,
+            self_index=distributed.local_columns(z.shape[0], z.device), temperature=temperature,
+            backend=backend, check_values=check_values)
     return masked_contrastive_loss(z, positives=z_pos, query_groups=groups,
                                    temperature=temperature, backend=backend,
                                    check_values=check_values)

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..ops import env_contrastive_loss
+from .. import distributed
+from ..ops import env_contrastive_loss, masked_contrastive_loss
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,
@@ -24,6 +25,23 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,
                                    irm_temperature=temperature, soft=False, backend=backend,
                                    check_values=check_values)
     return loss[0]
+
+
+def nt_xent_gathered(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,
+                     backend: Optional[str] = None, check_values: bool = True) -> torch.Tensor:
+    """NT-Xent of this rank's ``2b`` views against the views of every rank (the general op's
+    DDP form, ``docs/distributed.md``): the mean over the local anchors of the loss of the
+    global batch. With equal shares, the mean over the ranks is :func:`nt_xent` of the global
+    batch, and DDP's gradient average gives its gradient. Without a process group: the keys are
+    the local views (the same value as :func:`nt_xent`, through the masked op)."""
+    b = z1.shape[0]
+    g1, g2 = distributed.all_gather_grad(z1), distributed.all_gather_grad(z2)
+    n = g1.shape[0]
+    cols = distributed.local_columns(b, z1.device)
+    return masked_contrastive_loss(
+        torch.cat([z1, z2]), torch.cat([g1, g2]), positive_index=torch.cat([n + cols, cols]),
+        self_index=torch.cat([cols, n + cols]), similarity="dot", temperature=temperature,
+        backend=backend, check_values=check_values)
 
 
 def debiased_nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float,

@@ -38,12 +38,16 @@ class MethodContext:
     generator: Optional[torch.Generator] = None        # the augmentation generator
     progress: Callable[[int, str], Any] = field(default=lambda total, desc: None)
     log: Callable[[str], None] = print
+    plain_forward: Optional[Callable] = None           # without the DDP wrapper (no-grad
+                                                       # passes, e.g. IP-IRM's extraction)
 
     def __post_init__(self):
         if self.scaler is None:
             self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         if self.forward is None:
             self.forward = self.model
+        if self.plain_forward is None:
+            self.plain_forward = self.forward
 
 
 class Method(ABC):

@@ -14,7 +14,8 @@ summary serve.
 """
 from __future__ import annotations
 
-from ..losses.clica import clica_infonce
+from .. import distributed
+from ..losses.clica import clica_infonce, clica_infonce_gathered
 from .base import Method, MethodContext, TrainStep
 
 
@@ -35,9 +36,11 @@ class CLICA(Method):
         h, h_pos = h.float(), h_pos.float()
         k = h.shape[1] - self.periodic
         kw = dict(temperature=cfg.train.temperature, backend=self.backend, check_values=False)
-        loss = clica_infonce(h[:, :k], h_pos[:, :k], p=cfg.clica.p, **kw)
+        # under DDP: local anchors against the anchors of every rank (docs/distributed.md)
+        infonce = clica_infonce_gathered if distributed.active() else clica_infonce
+        loss = infonce(h[:, :k], h_pos[:, :k], p=cfg.clica.p, **kw)
         if self.periodic:       # 3DIdent's periodic latents: the dot product on their sphere
-            loss = loss + clica_infonce(h[:, k:], h_pos[:, k:], p=0, **kw)
+            loss = loss + infonce(h[:, k:], h_pos[:, k:], p=0, **kw)
         return loss, {}
 
     def step(self, indices, view1, view2):

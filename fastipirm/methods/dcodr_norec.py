@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..data.domain_batches import domain_values
 from ..losses.dcodr import dcodr_contrastive_loss
 from ..models.codes import contrastive_code
@@ -52,7 +53,8 @@ class DCoDRNoRec(Method):
         d = self.ctx.cfg.dcodr
         return dcodr_contrastive_loss(z, z_pos, domains, temperature=self.ctx.cfg.train.temperature,
                                       domain_negatives=d.domain_negatives, positives=d.positives,
-                                      backend=self.backend, check_values=False)
+                                      backend=self.backend, check_values=False,
+                                      gather=distributed.active())
 
     def objective(self, anchors, positives, domains):
         z, z_pos = self.codes(anchors, positives)

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .. import distributed
 from .. import partition as part
 from ..data import IndexedLoader
 from ..losses.ipirm import memberships_from_logits, minimization_loss
@@ -62,6 +63,9 @@ class IPIRM(Method):
     # -- the minimisation step ---------------------------------------------------------------
     def objective(self, indices, view1, view2, partitions, penalty_weight):
         z1, z2 = project_views(self.ctx, view1, view2)
+        if distributed.active():     # every rank: the global batch's loss (docs/distributed.md)
+            z1, z2 = distributed.all_gather_grad(z1), distributed.all_gather_grad(z2)
+            indices = distributed.all_gather_nograd(indices)
         memberships = None if partitions is None else memberships_from_logits(partitions, indices)
         return minimization_loss(z1, z2, memberships, penalty_weight=penalty_weight,
                                  **self.loss_options)
@@ -106,7 +110,7 @@ class IPIRM(Method):
                 self._extract_loader = IndexedLoader(ctx.train_set, pc.extract_batch_size,
                                                      seed=seed, shuffle=False, drop_last=False,
                                                      device=ctx.device)
-            z1, z2 = part.extract_views(ctx.forward, self._extract_loader, ctx.augment,
+            z1, z2 = part.extract_views(ctx.plain_forward, self._extract_loader, ctx.augment,
                                         num_samples=n, device=ctx.device, generator=ctx.generator,
                                         autocast=ctx.autocast,
                                         channels_last=cfg.model.channels_last)
@@ -118,7 +122,7 @@ class IPIRM(Method):
                     device=ctx.device)
             loader.seed = derive_seed(seed, Stream.THETA_ORDER, epoch)
             batches = part.online_views(
-                ctx.forward, loader, ctx.augment, device=ctx.device, generator=ctx.generator,
+                ctx.plain_forward, loader, ctx.augment, device=ctx.device, generator=ctx.generator,
                 autocast=ctx.autocast, channels_last=cfg.model.channels_last,
                 mixup_alpha=cfg.ipirm.mixup_alpha if pc.mixup_max else None)
         init = part.initial_logits(n, pc.env_num, random_init=pc.random_init,
@@ -157,15 +161,21 @@ class IPIRM(Method):
         finally:
             if bar is not None:
                 bar.close()
-        self.last_theta = result.logits
-        self.partitions = part.retain(self.partitions, result.logits,
+        # under DDP every rank ran the same search on the same bank (same weights, same
+        # generators); rank 0's result is broadcast so that the partitions agree bit for bit
+        # even where a GPU kernel is not deterministic (docs/distributed.md)
+        logits = distributed.broadcast_tensor(result.logits.contiguous())
+        self.last_theta = logits
+        self.partitions = part.retain(self.partitions, logits,
                                       retain_group=pc.retain_group,
                                       retain_group_set=pc.retain_group_set)
         seconds = time.perf_counter() - start
-        entry = {"epoch": epoch, "best_objective": result.best_objective,
-                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                 "fractions": result.fractions(), "seconds": seconds,
-                 "partitions": self.partitions.shape[0]}
+        entry = distributed.broadcast_object(
+            {"epoch": epoch, "best_objective": result.best_objective,
+             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+             "fractions": result.fractions(), "seconds": seconds,
+             "partitions": self.partitions.shape[0]})
+        seconds = entry["seconds"]
         self.partition_log.append(entry)
         ctx.log(f"  partition after epoch {epoch}: J* {result.best_objective:.4f} (epoch "
                 f"{result.best_epoch} of {result.epochs_run}), env shares "

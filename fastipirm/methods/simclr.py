@@ -6,7 +6,8 @@ DCL's debiased estimator with prior ``ipirm.tau_plus`` (the official ``--baselin
 """
 from __future__ import annotations
 
-from ..losses.simclr import debiased_nt_xent, nt_xent
+from .. import distributed
+from ..losses.simclr import debiased_nt_xent, nt_xent, nt_xent_gathered
 from .base import Method, MethodContext, TrainStep, project_views
 
 
@@ -22,6 +23,13 @@ class SimCLR(Method):
     def objective(self, view1, view2):
         z1, z2 = project_views(self.ctx, view1, view2)
         ip = self.ctx.cfg.ipirm
+        if distributed.active():        # the global batch's loss (docs/distributed.md)
+            if ip.debiased:             # every rank: the global loss on the gathered views
+                z1, z2 = distributed.all_gather_grad(z1), distributed.all_gather_grad(z2)
+                return debiased_nt_xent(z1, z2, temperature=self.ctx.cfg.train.temperature,
+                                        tau_plus=ip.tau_plus), {}
+            return nt_xent_gathered(z1, z2, temperature=self.ctx.cfg.train.temperature,
+                                    backend=self.backend, check_values=False), {}
         if ip.debiased:
             return debiased_nt_xent(z1, z2, temperature=self.ctx.cfg.train.temperature,
                                     tau_plus=ip.tau_plus), {}

@@ -1,0 +1,271 @@
+"""Multi-process training (``fastipirm.distributed``, ``docs/distributed.md``): one step on 2 gloo
+ranks gives the loss and the parameter gradients of one process with the same global batch, for
+every multi-process method, and a 2-rank IP-IRM maximisation gives the 1-process partitions.
+
+The 2-rank side runs once per module (``torch.multiprocessing.spawn``, about 10 s); each rank
+writes its results to a file that the tests compare with the single-process ones.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastipirm import distributed
+from fastipirm.config import Config
+from fastipirm.data.augment import TwoViewAugment
+from fastipirm.data.datasets import ArrayDataset
+from fastipirm.methods import MethodContext, build_method
+
+WORLD = 2
+BATCH = 8                   # global; 4 per rank
+SIZE = 8                    # images and crops 8 x 8
+METHODS = ("simclr", "simclr_debiased", "clica", "dcodr_norec", "ipirm")
+
+
+class Tiny(torch.nn.Module):
+    """No BN (the comparison is exact without SyncBatchNorm, which torch runs on GPUs only)."""
+
+    def __init__(self, tuple_out: bool):
+        super().__init__()
+        self.tuple_out = tuple_out
+        self.body = torch.nn.Linear(3 * SIZE * SIZE, 16)
+        self.head = torch.nn.Linear(16, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x.flatten(1).float()))
+        z = self.head(h)
+        return (h, F.normalize(z, dim=1)) if self.tuple_out else z
+
+
+def config(name: str) -> Config:
+    cfg = Config()
+    cfg.method.name = "simclr" if name == "simclr_debiased" else name
+    cfg.ipirm.debiased = name == "simclr_debiased"
+    cfg.model.channels_last = False
+    cfg.train.temperature = 0.5
+    cfg.train.batch_size = BATCH
+    cfg.train.amp = "none"
+    cfg.op.backend = "torch"
+    cfg.clica.p = 1
+    cfg.ipirm.keep_cont = True
+    cfg.ipirm.irm_temperature = 0.5
+    cfg.dcodr.domains_per_batch, cfg.dcodr.samples_per_domain = 2, 4
+    p = cfg.partition
+    p.batch_size, p.extract_batch_size = 8, 8
+    p.max_epochs, p.min_epochs, p.patience, p.milestones = 4, 2, 2, [2, 3]
+    return cfg
+
+
+def dataset() -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(4), 4).astype(np.int64)
+    return ArrayDataset(images, labels, 4, "tiny")
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.tensor([3, 0, 7, 12, 5, 9, 14, 1])
+    v1 = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    v2 = v1 + 0.3 * torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    return indices, v1, v2
+
+
+def dcodr_batch():
+    indices, v1, v2 = batch(2)
+    return torch.tensor([0, 4, 1, 5, 2, 6, 3, 7]), v1, v2      # domains 0, 1, 0, 1, ...
+
+
+def one_step(name: str, rank: int, world: int) -> dict:
+    """One step of ``name`` on this rank's share of the global batch: the mean loss over the
+    ranks and the (DDP-averaged) parameter gradients."""
+    torch.manual_seed(0)
+    cfg = config(name)
+    model = Tiny(tuple_out=name not in ("clica",))
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctx = MethodContext(cfg, model, optimizer, torch.device("cpu"), forward=forward,
+                        plain_forward=model, train_set=dataset(),
+                        generator=torch.Generator().manual_seed(0))
+    method = build_method(cfg.method.name, ctx)
+    if name == "ipirm":
+        method.partitions = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(3))
+        method.penalty_weight = 0.7
+    full = dcodr_batch() if name == "dcodr_norec" else batch()
+    indices, v1, v2 = distributed.shard(full, world, rank)
+    loss, parts = method.step(indices, v1, v2)
+    return {"loss": float(distributed.mean_across(loss)),
+            "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+
+
+def maximisation(rank: int, world: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    cfg = config("ipirm")
+    model = Tiny(tuple_out=True)
+    forward = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctx = MethodContext(cfg, model, optimizer, torch.device("cpu"), forward=forward,
+                        plain_forward=model, train_set=dataset(),
+                        augment=TwoViewAugment(out_size=SIZE, scale=(0.5, 1.0)),
+                        generator=torch.Generator().manual_seed(0), log=lambda s: None)
+    method = build_method("ipirm", ctx)
+    method.start()
+    return method.partitions.clone()
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    try:
+        results = {name: one_step(name, rank, WORLD) for name in METHODS}
+        results["partitions"] = maximisation(rank, WORLD)
+        results["world"] = distributed.world_size()
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD,
+                                join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_one_step_on_two_ranks_equals_one_process(two_ranks, name):
+    single = one_step(name, 0, 1)
+    for r, res in enumerate(two_ranks):
+        assert res["world"] == WORLD
+        got = res[name]
+        assert got["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-6), (name, r)
+        for key, g in single["grads"].items():
+            assert torch.allclose(got["grads"][key], g, rtol=1e-4, atol=1e-6), (name, r, key)
+        assert any(g.abs().sum() > 0 for g in single["grads"].values())
+
+
+def test_two_rank_maximisation_gives_the_one_process_partitions(two_ranks):
+    single = maximisation(0, 1)
+    for res in two_ranks:
+        assert torch.equal(res["partitions"].argmax(-1), single.argmax(-1))
+        assert torch.allclose(res["partitions"], single, rtol=1e-5, atol=1e-6)
+
+
+def test_world_size_one_needs_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = distributed.init_from_env("cpu")
+    assert (info.rank, info.world_size) == (0, 1)
+    assert not distributed.active()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.all_gather_grad(x) is x
+    assert distributed.shard((x,), 1, 0)[0] is x
+
+
+def test_shard_takes_contiguous_shares_and_rejects_uneven_batches():
+    x = torch.arange(8)
+    assert distributed.shard((x, 5), 2, 1)[0].tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="cannot be split"):
+        distributed.shard((torch.arange(6),), 4, 0)
+
+
+def _torchrun(args, cwd):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "fastipirm", "train", *args],
+        capture_output=True, text=True, env=env, timeout=240, cwd=str(cwd))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_torchrun_two_cpu_processes_train_resume_and_refuse_another_world_size(tmp_path,
+                                                                               capsys):
+    """``torchrun --nproc_per_node 2 -m fastipirm train`` on gloo: rank 0 alone logs and writes
+    one run directory whose summary and checkpoint say world size 2; a run stopped after epoch 1
+    and resumed on 2 ranks equals the uninterrupted one; a 1-process resume is refused."""
+    import json
+
+    from test_train import tiny_config
+
+    from fastipirm import cli
+    from fastipirm.checkpoint import load_checkpoint
+
+    sets = ["eval.knn_every=2", "run.compare_baseline=false", "run.compare_random=false"]
+    full = tiny_config(tmp_path, "full.toml", sets=[*sets, "train.epochs=2", "run.name=full"])
+    cut = tiny_config(tmp_path, "cut.toml", sets=[*sets, "train.epochs=1", "run.name=cut"])
+    out = _torchrun(["--config", str(full)], tmp_path)
+    assert out.count("epoch 2/2") == 1 and "world size 2" in out   # rank 0 alone logs
+    run = tmp_path / "runs" / "full"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 * (96 // 32)
+    assert summary["knn_top1"] is not None               # evaluated (once, on rank 0)
+    a = load_checkpoint(run)
+    assert a["world_size"] == 2 and a["method"]["partitions"].shape == (1, 96, 2)
+
+    _torchrun(["--config", str(cut)], tmp_path)
+    resumed = tmp_path / "runs" / "cut" / "checkpoint.pt"
+    _torchrun(["--resume", str(resumed), "--set", "train.epochs=2"], tmp_path)
+    b = load_checkpoint(resumed)
+    assert b["epoch"] == 2 and torch.equal(a["method"]["partitions"], b["method"]["partitions"])
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+    assert cli.main(["train", "--resume", str(run / "checkpoint.pt"),
+                     "--set", "train.epochs=3"]) != 0
+    assert "run on 2 process(es)" in capsys.readouterr().err
+
+
+def test_unsupported_method_and_uneven_batch_are_clear_errors():
+    from fastipirm.train import _check_distributed
+
+    info = distributed.DistInfo(rank=0, world_size=3, local_rank=0)
+    cfg = config("simclr")
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        _check_distributed(cfg, torch.device("cpu"), info)
+    cfg.method.name = "ipirm_mixup"
+    with pytest.raises(ValueError, match="does not train on several processes"):
+        _check_distributed(cfg, torch.device("cpu"), info)
+    cfg = config("simclr")
+    cfg.train.batch_size = 6
+    cfg.model.sync_bn = True
+    with pytest.raises(ValueError, match="GPUs only"):
+        _check_distributed(cfg, torch.device("cpu"), info)
+
+
+def test_the_gathered_losses_on_one_process_equal_the_plain_ones():
+    from fastipirm.losses.clica import clica_infonce, clica_infonce_gathered
+    from fastipirm.losses.dcodr import dcodr_contrastive_loss
+    from fastipirm.losses.simclr import nt_xent, nt_xent_gathered
+
+    g = torch.Generator().manual_seed(0)
+    z1 = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    z2 = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    domains = torch.tensor([0, 1, 0, 1, 0, 1])
+    kw = dict(temperature=0.5, backend="torch")
+    assert torch.allclose(nt_xent_gathered(z1, z2, **kw), nt_xent(z1, z2, **kw))
+    assert torch.allclose(clica_infonce_gathered(z1, z2, p=1, **kw),
+                          clica_infonce(z1, z2, p=1, **kw))
+    assert torch.allclose(dcodr_contrastive_loss(z1, z2, domains, gather=True, **kw),
+                          dcodr_contrastive_loss(z1, z2, domains, **kw))
