@@ -14,6 +14,8 @@ test's ``init_process_group``) is used as it is.
   all_gather``, concatenated in rank order. Its backward sums the gradients of every rank's
   copy of a slice onto the rank that owns it, which is what makes a loss over gathered keys
   exact (the argument is in ``docs/distributed.md``).
+* :func:`all_reduce_grad`: the autograd-aware all-reduce (sum) of partial sums (IP-IRM +
+  MixUp's per-key-column penalty gradients).
 * :func:`is_main`, :func:`main_only`: rank-0 guards for files, log lines and progress bars.
 * :func:`broadcast_object`, :func:`broadcast_tensor`, :func:`mean_across`, :func:`barrier`.
 """
@@ -105,10 +107,15 @@ def init_from_env(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """Destroy the process group if :func:`init_from_env` created it."""
+    """Destroy the process group if :func:`init_from_env` created it, after a barrier: a rank
+    that tears its group down while another still talks to the store (rank 0 hosts it) can end
+    in ``std::terminate`` at exit."""
     global _created_group
     if _created_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
     _created_group = False
 
 # how long a rank waits at a collective: the other ranks wait while rank 0 evaluates (a final
@@ -140,6 +147,20 @@ def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():        # deprecated in favour of an API torch 2.11 lacks
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(dnn.all_gather(x), 0)
+
+
+def all_reduce_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the ranks, differentiable (PyTorch's autograd-aware
+    ``torch.distributed.nn.functional.all_reduce``: the backward sums every rank's gradient of
+    the result onto each rank's ``x``). For partial sums that must be complete before a
+    non-linear step (the per-key-column IRM gradients before they are squared). Identity
+    without a group."""
+    if not active():
+        return x
+    import torch.distributed.nn.functional as dnn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return dnn.all_reduce(x)
 
 
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ from .runtime import TrainingDiverged
 from .seeding import Stream, derived_generator
 
 # the methods that train under DDP with the global batch's semantics (docs/distributed.md)
-DDP_METHODS = ("simclr", "ipirm", "clica", "clica_supervised", "dcodr_norec")
+DDP_METHODS = ("simclr", "ipirm", "clica", "clica_supervised", "dcodr_norec", "dcodr", "mixup",
+               "ipirm_mixup")
 
 EPOCH_TAIL = ["knn_top1", "knn_top5", "r2", "mcc", "img_per_s", "epoch_seconds", "knn_seconds",
               "peak_mem_gb"]
@@ -151,8 +152,10 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         bar = progress_bar(progress, steps, f"epoch {epoch}/{t.epochs}")
         last_time, last_i = time.perf_counter(), 0
         for i, batch in enumerate(views.epoch(epoch), 1):
-            # every rank makes the same global batch; each trains on its contiguous share
-            indices, v1, v2 = distributed.shard(batch, world, dinfo.rank)
+            # every rank makes the same global batch; each trains on its contiguous share (a
+            # ``global_batch`` method takes it itself)
+            indices, v1, v2 = batch if method.global_batch else distributed.shard(
+                batch, world, dinfo.rank)
             loss, parts = method.step(indices, v1, v2)
             step += 1
             values = torch.stack([loss, *(parts[k] for k in method.metric_names)]).double()
@@ -270,7 +273,7 @@ def _check_distributed(cfg, device: torch.device, dinfo) -> torch.device:
     if cfg.method.name not in DDP_METHODS:
         raise ValueError(f"method.name: {cfg.method.name!r} does not train on several processes "
                          f"yet (multi-process methods: {', '.join(DDP_METHODS)}); run it on one")
-    if cfg.method.name == "dcodr_norec":
+    if cfg.method.name in ("dcodr_norec", "dcodr"):
         batch = cfg.dcodr.domains_per_batch * cfg.dcodr.samples_per_domain
         what = "dcodr.domains_per_batch x dcodr.samples_per_domain"
     else:

@@ -24,16 +24,18 @@ from fastipirm.methods import MethodContext, build_method
 WORLD = 2
 BATCH = 8                   # global; 4 per rank
 SIZE = 8                    # images and crops 8 x 8
-METHODS = ("simclr", "simclr_debiased", "clica", "dcodr_norec", "ipirm")
+DCODR_SIZE = 32             # DCoDR: the generator and the VGG need 16 | size and size >= 32
+METHODS = ("simclr", "simclr_debiased", "clica", "dcodr_norec", "ipirm", "mixup", "ipirm_mixup",
+           "dcodr")
 
 
 class Tiny(torch.nn.Module):
     """No BN (the comparison is exact without SyncBatchNorm, which torch runs on GPUs only)."""
 
-    def __init__(self, tuple_out: bool):
+    def __init__(self, tuple_out: bool, size: int = SIZE):
         super().__init__()
         self.tuple_out = tuple_out
-        self.body = torch.nn.Linear(3 * SIZE * SIZE, 16)
+        self.body = torch.nn.Linear(3 * size * size, 16)
         self.head = torch.nn.Linear(16, 6)
 
     def forward(self, x):
@@ -42,7 +44,7 @@ class Tiny(torch.nn.Module):
         return (h, F.normalize(z, dim=1)) if self.tuple_out else z
 
 
-def config(name: str) -> Config:
+def config(name: str, vgg: str = "") -> Config:
     cfg = Config()
     cfg.method.name = "simclr" if name == "simclr_debiased" else name
     cfg.ipirm.debiased = name == "simclr_debiased"
@@ -55,54 +57,76 @@ def config(name: str) -> Config:
     cfg.ipirm.keep_cont = True
     cfg.ipirm.irm_temperature = 0.5
     cfg.dcodr.domains_per_batch, cfg.dcodr.samples_per_domain = 2, 4
+    cfg.dcodr.vgg_path, cfg.dcodr.generator_width, cfg.dcodr.embedding_dim = vgg, 8, 8
+    cfg.model.feature_dim = 6                           # Tiny's code: the generator's input
     p = cfg.partition
     p.batch_size, p.extract_batch_size = 8, 8
     p.max_epochs, p.min_epochs, p.patience, p.milestones = 4, 2, 2, [2, 3]
     return cfg
 
 
-def dataset() -> ArrayDataset:
+def dataset(size: int = SIZE) -> ArrayDataset:
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(4), 4).astype(np.int64)
     return ArrayDataset(images, labels, 4, "tiny")
 
 
-def batch(seed: int = 1):
+def batch(seed: int = 1, size: int = SIZE):
     g = torch.Generator().manual_seed(seed)
     indices = torch.tensor([3, 0, 7, 12, 5, 9, 14, 1])
-    v1 = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
-    v2 = v1 + 0.3 * torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    v1 = torch.randn(BATCH, 3, size, size, generator=g)
+    v2 = v1 + 0.3 * torch.randn(BATCH, 3, size, size, generator=g)
     return indices, v1, v2
 
 
-def dcodr_batch():
-    indices, v1, v2 = batch(2)
+def dcodr_batch(size: int = SIZE):
+    indices, v1, v2 = batch(2, size)
+    if size != SIZE:                      # DCoDR reconstructs the anchors: images in [0, 1]
+        v1, v2 = torch.sigmoid(v1), torch.sigmoid(v2)
     return torch.tensor([0, 4, 1, 5, 2, 6, 3, 7]), v1, v2      # domains 0, 1, 0, 1, ...
 
 
-def one_step(name: str, rank: int, world: int) -> dict:
+def mixup_partitions() -> torch.Tensor:
+    """Two partitions of the 16 samples whose environments split the test batch (indices 3, 0,
+    7, 12 | 5, 9, 14, 1) 4 + 4 and 0 + 8: every environment has >= 2 members in each rank's
+    share, so 1 and 2 processes use the same environments."""
+    envs = torch.ones(2, 16, dtype=torch.long)
+    envs[0, [3, 0, 7, 12]] = 0
+    return F.one_hot(envs, 2).float() * 3.0
+
+
+def one_step(name: str, rank: int, world: int, vgg: str = "") -> dict:
     """One step of ``name`` on this rank's share of the global batch: the mean loss over the
-    ranks and the (DDP-averaged) parameter gradients."""
+    ranks and the (DDP-averaged) parameter gradients (DCoDR: the generator's too)."""
     torch.manual_seed(0)
-    cfg = config(name)
-    model = Tiny(tuple_out=name not in ("clica",))
+    cfg = config(name, vgg)
+    size = DCODR_SIZE if name == "dcodr" else SIZE
+    model = Tiny(tuple_out=name not in ("clica",), size=size)
     forward = model
     if world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     ctx = MethodContext(cfg, model, optimizer, torch.device("cpu"), forward=forward,
-                        plain_forward=model, train_set=dataset(),
+                        plain_forward=model, train_set=dataset(size),
                         generator=torch.Generator().manual_seed(0))
     method = build_method(cfg.method.name, ctx)
     if name == "ipirm":
         method.partitions = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(3))
         method.penalty_weight = 0.7
-    full = dcodr_batch() if name == "dcodr_norec" else batch()
-    indices, v1, v2 = distributed.shard(full, world, rank)
+    if name == "ipirm_mixup":
+        method.partitions = mixup_partitions()
+        method.penalty_weight = 0.7
+    full = dcodr_batch(size) if name.startswith("dcodr") else batch()
+    # a ``global_batch`` method (MixUp) gets the whole global batch and takes its share itself
+    indices, v1, v2 = full if method.global_batch else distributed.shard(full, world, rank)
     loss, parts = method.step(indices, v1, v2)
-    return {"loss": float(distributed.mean_across(loss)),
-            "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    if name == "dcodr":
+        grads.update({f"generator.{k}": p.grad.clone()
+                      for k, p in method.generator.named_parameters()})
+    return {"loss": float(distributed.mean_across(loss)), "grads": grads,
+            "parts": {k: distributed.mean_across(v.double()).tolist() for k, v in parts.items()}}
 
 
 def maximisation(rank: int, world: int) -> torch.Tensor:
@@ -120,13 +144,13 @@ def maximisation(rank: int, world: int) -> torch.Tensor:
     return method.partitions.clone()
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
+def _rank_main(rank: int, port: int, out: str, vgg: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
     try:
-        results = {name: one_step(name, rank, WORLD) for name in METHODS}
+        results = {name: one_step(name, rank, WORLD, vgg) for name in METHODS}
         results["partitions"] = maximisation(rank, WORLD)
         results["world"] = distributed.world_size()
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
@@ -141,23 +165,43 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def vgg_file(tmp_path_factory) -> str:
+    """Random VGG16 weights for DCoDR's perceptual distance."""
+    from fastipirm.losses.perceptual import VGG16Features
+
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.manual_seed(0)
+    torch.save(VGG16Features().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, vgg_file):
     out = tmp_path_factory.mktemp("ddp")
-    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD,
-                                join=True)
+    torch.multiprocessing.spawn(_rank_main, args=(_free_port(), str(out), vgg_file),
+                                nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_one_step_on_two_ranks_equals_one_process(two_ranks, name):
-    single = one_step(name, 0, 1)
+def test_one_step_on_two_ranks_equals_one_process(two_ranks, vgg_file, name):
+    single = one_step(name, 0, 1, vgg_file)
     for r, res in enumerate(two_ranks):
         assert res["world"] == WORLD
         got = res[name]
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-6), (name, r)
+        for key, v in single["parts"].items():
+            assert got["parts"][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, r, key)
+        assert got["grads"].keys() == single["grads"].keys()
         for key, g in single["grads"].items():
             assert torch.allclose(got["grads"][key], g, rtol=1e-4, atol=1e-6), (name, r, key)
         assert any(g.abs().sum() > 0 for g in single["grads"].values())
+    if name == "ipirm_mixup":            # both partitions' terms are in the comparison
+        assert single["parts"]["loss_env"] > 0 and single["parts"]["penalty"] > 0
+        assert len(two_ranks[0]["ipirm_mixup"]["parts"]) == 3
+    if name == "dcodr":                  # the generator and the domain embedding train
+        assert single["parts"]["reconstruction"] > 0
+        assert single["grads"]["generator.class_embedding.weight"].abs().sum() > 0
 
 
 def test_two_rank_maximisation_gives_the_one_process_partitions(two_ranks):
@@ -237,14 +281,22 @@ def test_torchrun_two_cpu_processes_train_resume_and_refuse_another_world_size(t
     assert "run on 2 process(es)" in capsys.readouterr().err
 
 
-def test_unsupported_method_and_uneven_batch_are_clear_errors():
+def test_unsupported_method_and_uneven_batch_are_clear_errors(monkeypatch):
+    from fastipirm import train as trainmod
+    from fastipirm.methods import METHODS as REGISTRY
     from fastipirm.train import _check_distributed
 
+    assert set(REGISTRY) <= set(trainmod.DDP_METHODS)       # every method trains under DDP
     info = distributed.DistInfo(rank=0, world_size=3, local_rank=0)
     cfg = config("simclr")
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
         _check_distributed(cfg, torch.device("cpu"), info)
-    cfg.method.name = "ipirm_mixup"
+    cfg = config("dcodr")                                   # 2 x 4 anchors on 3 ranks
+    with pytest.raises(ValueError, match="samples_per_domain .8, the global batch"):
+        _check_distributed(cfg, torch.device("cpu"), info)
+    monkeypatch.setattr(trainmod, "DDP_METHODS", ("simclr",))   # a method not (yet) covered
+    cfg = config("ipirm_mixup")
+    cfg.train.batch_size = 6
     with pytest.raises(ValueError, match="does not train on several processes"):
         _check_distributed(cfg, torch.device("cpu"), info)
     cfg = config("simclr")
@@ -269,3 +321,29 @@ def test_the_gathered_losses_on_one_process_equal_the_plain_ones():
                           clica_infonce(z1, z2, p=1, **kw))
     assert torch.allclose(dcodr_contrastive_loss(z1, z2, domains, gather=True, **kw),
                           dcodr_contrastive_loss(z1, z2, domains, **kw))
+
+
+def test_the_mixup_environment_terms_on_shares_equal_the_whole_batch():
+    """IP-IRM + MixUp's DDP form on one process: the environment losses of uneven shares (rows
+    of each environment, ``world`` = 1, no all-reduce) add up to the whole batch's, and all the
+    rows at once give the plain call's loss and penalty."""
+    from fastipirm.data.mixup import group_mixup_draws
+    from fastipirm.losses.ipirm_mixup import imix_environment_terms, imix_loss
+
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=1)
+    envs = torch.tensor([0, 0, 0, 0, 0, 2, 2, 2])
+    lam, partner = group_mixup_draws([5, 0, 3], generator=g)
+    kw = dict(temperature=0.5, backend="torch")
+    loss, pen = imix_environment_terms(q, k, envs, lam, partner, **kw)
+    rows = torch.arange(8)
+    loss_r, pen_r = imix_environment_terms(q, k, envs, lam, partner, rows=rows, **kw)
+    assert torch.allclose(loss_r, loss) and torch.allclose(pen_r, pen)
+    shares = [torch.tensor([0, 1, 2, 5, 6]), torch.tensor([3, 4, 7])]   # 3 + 2 and 2 + 1
+    parts = [imix_environment_terms(q[r], k, envs, lam, partner, rows=r, **kw)[0]
+             for r in shares]
+    assert torch.allclose(sum(parts), loss)
+    whole = imix_loss(q, k, lam, partner, **kw)
+    halves = [imix_loss(q[r], k, lam, partner, rows=r, **kw) for r in shares]
+    assert torch.allclose((5 * halves[0] + 3 * halves[1]) / 8, whole)

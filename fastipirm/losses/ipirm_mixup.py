@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..ops import key_group_penalty, masked_contrastive_loss
 
 
@@ -29,10 +30,19 @@ def _targets(lam_bar: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def imix_loss(q: Tensor, k: Tensor, lam: Tensor, partner: Tensor, *, temperature: float,
-              backend: Optional[str] = None, check_values: bool = True) -> Tensor:
-    """The i-Mix loss of mixed queries ``q`` (B, D) against clean keys ``k`` (B, D)."""
+              backend: Optional[str] = None, check_values: bool = True,
+              rows: Optional[Tensor] = None) -> Tensor:
+    """The i-Mix loss of mixed queries ``q`` (B, D) against clean keys ``k`` (B, D).
+
+    ``rows`` (the op's DDP form, ``docs/distributed.md``): ``q`` holds only the queries of the
+    batch positions ``rows`` (this rank's share), ``k`` every key of the batch (gathered),
+    ``lam`` and ``partner`` the whole batch's draws; the mean over the local queries."""
     lam_bar = lam.to(q.dtype).mean().expand(q.shape[0])
-    index, weights = _targets(lam_bar, partner)
+    if rows is None:
+        index, weights = _targets(lam_bar, partner)
+    else:
+        index = torch.stack([rows, partner[rows]], 1)
+        weights = torch.stack([lam_bar, 1 - lam_bar], 1)
     return masked_contrastive_loss(q, k, positive_index=index, positive_weight=weights,
                                    temperature=temperature, backend=backend,
                                    check_values=check_values)
@@ -40,20 +50,39 @@ def imix_loss(q: Tensor, k: Tensor, lam: Tensor, partner: Tensor, *, temperature
 
 def imix_environment_terms(q: Tensor, k: Tensor, envs: Tensor, lam: Tensor, partner: Tensor, *,
                            temperature: float, backend: Optional[str] = None,
-                           check_values: bool = True) -> tuple[Tensor, Tensor]:
+                           check_values: bool = True, rows: Optional[Tensor] = None,
+                           world: int = 1) -> tuple[Tensor, Tensor]:
     """``(mean_k L_k, mean_k R_k)`` of one partition; rows sorted by environment ``envs``,
-    ``partner`` inside each row's environment (sorted coordinates)."""
+    ``partner`` inside each row's environment (sorted coordinates).
+
+    ``rows`` (the op's DDP form, ``docs/distributed.md``): ``q`` holds only the queries of the
+    sorted positions ``rows`` (this rank's share of each environment), ``k``, ``envs``, ``lam``
+    and ``partner`` the whole (sorted) batch. Each ``L_k`` is then this rank's partial sum of
+    the environment's mean, times ``world`` (so that the mean over the ranks is ``mean_k L_k``),
+    and the per-key-column gradients are all-reduced (autograd-aware) before they are squared:
+    every rank returns the whole ``mean_k R_k``."""
     groups, inverse, counts = torch.unique(envs, return_inverse=True, return_counts=True)
     lam_sum = torch.zeros(groups.shape[0], dtype=q.dtype, device=q.device).index_add(
         0, inverse, lam.to(q.dtype))
     lam_bar = (lam_sum / counts.to(q.dtype))[inverse]
-    index, weights = _targets(lam_bar, partner)
+    if rows is None:
+        index, weights = _targets(lam_bar, partner)
+        query_envs, query_inverse, extra = envs, inverse, {}
+    else:
+        index = torch.stack([rows, partner[rows]], 1)
+        weights = torch.stack([lam_bar[rows], 1 - lam_bar[rows]], 1)
+        query_envs, query_inverse = envs[rows], inverse[rows]
+        # c_i = 1 / (the environment's size in the whole batch), not in this rank's share
+        extra = {"penalty_row_weights": 1.0 / counts[query_inverse].to(q.dtype)}
     losses, key_grads = masked_contrastive_loss(
-        q, k, positive_index=index, positive_weight=weights, query_groups=envs, key_groups=envs,
-        temperature=temperature, reduction="none", key_penalty=True, backend=backend,
-        check_values=check_values)
+        q, k, positive_index=index, positive_weight=weights, query_groups=query_envs,
+        key_groups=envs, temperature=temperature, reduction="none", key_penalty=True,
+        backend=backend, check_values=check_values, **extra)
     per_env = torch.zeros(groups.shape[0], dtype=losses.dtype, device=q.device).index_add(
-        0, inverse, losses) / counts.to(losses.dtype)
+        0, query_inverse, losses) / counts.to(losses.dtype)
+    if rows is not None:
+        per_env = per_env * world
+        key_grads = distributed.all_reduce_grad(key_grads)
     _, penalties = key_group_penalty(key_grads, envs)
     return per_env.mean(), penalties.mean()
 

@@ -57,12 +57,17 @@ class Method(ABC):
     * ``metric_names``: the parts of a step's loss (0-d tensors in ``step``'s dict), averaged
       over an epoch and logged beside ``loss``.
     * ``epoch_fields``: the fields :meth:`end_epoch` adds to an epoch's metrics row.
+    * ``global_batch``: under several processes :meth:`step` receives the whole global batch
+      (every rank has it) and takes its share itself (MixUp: the partners range over the
+      global batch's images); otherwise (default) the loop passes this rank's contiguous share
+      (:func:`fastipirm.distributed.shard`). One process: the batch either way.
     """
 
     name: ClassVar[str]
     label: ClassVar[str]
     metric_names: ClassVar[tuple[str, ...]] = ()
     epoch_fields: ClassVar[tuple[str, ...]] = ()
+    global_batch: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx

@@ -8,11 +8,18 @@ features, VGG frozen) between the anchors and their reconstructions by the gener
 the anchor's domain. The generator trains at ``dcodr.generator_lr`` and the domain embedding at
 ``dcodr.embedding_lr`` (param groups added to the run's Adam, so one optimiser, one StepLR and one
 checkpoint entry hold them). The generator is the method's checkpoint state.
+
+Several processes (``docs/distributed.md#dcodr``): the contrastive part as DCoDR-norec's
+(local anchors against the gathered ones), the reconstruction a mean over the local anchors
+(equal shares: its mean over the ranks is the global batch's), the generator wrapped in its own
+``DistributedDataParallel`` so that its gradients are averaged as the encoder's.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from .. import distributed
 from ..losses.perceptual import PerceptualDistance
 from ..models.dcodr_generator import DCoDRGenerator
 from .dcodr_norec import DCoDRNoRec
@@ -37,12 +44,21 @@ class DCoDR(DCoDRNoRec):
         for group in self.generator.param_groups(d.generator_lr, d.embedding_lr):
             self.ctx.optimizer.add_param_group({**group, "weight_decay": 0.0})
         self.channels = channels
+        # several processes: the generator (and the domain embedding inside it) lives outside
+        # the DDP-wrapped encoder; its own DDP wrapper averages its gradients over the ranks in
+        # the same backward (bucketed, overlapping it) and broadcasts rank 0's initial weights
+        # (docs/distributed.md#dcodr). One process: the module itself.
+        self.generator_forward = self.generator
+        if distributed.active():
+            dev = self.ctx.device
+            self.generator_forward = torch.nn.parallel.DistributedDataParallel(
+                self.generator, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def objective(self, anchors, positives, domains):
         z, z_pos = self.codes(anchors, positives)
         contrastive = self.contrastive(z, z_pos, domains)
         with self.ctx.autocast():
-            generated = self.generator(z, domains)
+            generated = self.generator_forward(z, domains)
             target = anchors[:, :1] if self.channels == 1 else anchors
             reconstruction = self.perceptual(generated.float(), target)
         loss = contrastive + self.ctx.cfg.dcodr.reconstruction_weight * reconstruction

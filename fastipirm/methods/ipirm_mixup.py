@@ -21,11 +21,19 @@ updated fewer times). Maximisation is IP-IRM's offline one (:class:`.ipirm.IPIRM
 ``train.temperature`` (0.2) with ``ipirm.irm_temperature`` (0.5), as the official STL runs.
 Environments with fewer than 2 members in a batch are skipped (train-mode BN cannot normalise
 one sample; the official run would fail there).
+
+Several processes (``docs/distributed.md#mixup``): every rank receives the whole global batch
+(``global_batch``), so the draws and the environments are the global batch's on every rank;
+each rank forwards its share of the mixed view 1, of view 2 and of every environment's subset
+(``chunk(world)``, as DataParallel splits it; an environment is used when every share has >= 2
+members), its queries go against the gathered view-2 keys and the per-key-column gradients are
+all-reduced before they are squared.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..data.mixup import group_mixup_draws, mix
 from ..losses.ipirm_mixup import imix_environment_terms
 from .base import project_batch
@@ -36,9 +44,12 @@ from .mixup import mixup_global_term
 class IPIRMMixup(IPIRM):
     name = "ipirm_mixup"
     label = "IP-IRM + MixUp"
+    global_batch = True          # MixUp partners range over the global batch's images
 
     def objective(self, indices, view1, view2, partitions, penalty_weight):
         ctx = self.ctx
+        world, rank = distributed.world_size(), distributed.rank()
+        ddp = distributed.active()
         glob, z2 = mixup_global_term(ctx, view1, view2, backend=self.backend)
         total = glob
         env_loss = torch.zeros((), device=glob.device)
@@ -48,9 +59,13 @@ class IPIRMMixup(IPIRM):
             for logits in partitions:
                 envs = logits[indices].argmax(1)
                 counts = torch.bincount(envs, minlength=k_envs)
-                keep = counts[envs] >= 2                   # singletons: no BN batch
+                # an environment needs >= 2 members in every BN batch: each rank's share (a
+                # DataParallel chunk of the subset; one process: the subset itself)
+                per = (counts + world - 1) // world
+                usable = counts - (world - 1) * per >= 2
+                keep = usable[envs]                        # singletons: no BN batch
                 order = torch.argsort(torch.where(keep, envs, k_envs), stable=True)
-                sizes = [c if c >= 2 else 0 for c in counts.tolist()]
+                sizes = [c if ok else 0 for c, ok in zip(counts.tolist(), usable.tolist())]
                 n = sum(sizes)
                 if n == 0:
                     continue
@@ -59,11 +74,21 @@ class IPIRMMixup(IPIRM):
                                                  generator=ctx.generator, device=view1.device)
                 mixed = mix(view1[order], lam, partner)
                 chunks = mixed.split([s for s in sizes if s])
-                q = torch.cat([project_batch(ctx, chunk) for chunk in chunks])
+                if ddp:           # this rank's share of every environment (docs/distributed.md)
+                    q, rows, start = [], [], 0
+                    for chunk in chunks:
+                        share = (chunk.shape[0] + world - 1) // world
+                        q.append(project_batch(ctx, chunk.chunk(world)[rank]))
+                        lo = start + rank * share
+                        rows.append(torch.arange(lo, lo + q[-1].shape[0], device=q[-1].device))
+                        start += chunk.shape[0]
+                    q, rows = torch.cat(q), torch.cat(rows)
+                else:
+                    q, rows = torch.cat([project_batch(ctx, chunk) for chunk in chunks]), None
                 loss_k, pen_k = imix_environment_terms(
                     q, z2[order], envs[order], lam, partner,
                     temperature=ctx.cfg.train.temperature, backend=self.backend,
-                    check_values=False)
+                    check_values=False, rows=rows, world=world)
                 term = loss_k + penalty_weight * pen_k
                 if penalty_weight > 1:
                     term = term / penalty_weight
