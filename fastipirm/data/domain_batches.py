@@ -31,6 +31,18 @@ from .dcodr_augment import dcodr_positive_views
 DOMAIN_METHODS = ("dcodr", "dcodr_norec")
 
 
+def domain_batch_size(domains: np.ndarray, domains_per_batch: int, samples_per_domain: int
+                      ) -> int:
+    """The full batch of the sampler: ``min(domains_per_batch, domains) * samples_per_domain``."""
+    return min(domains_per_batch, len(np.unique(domains))) * samples_per_domain
+
+
+def domain_epoch_length(domains: np.ndarray, domains_per_batch: int,
+                        samples_per_domain: int) -> int:
+    """Batches per epoch, the official ``(N - 1) // batch``."""
+    return (len(domains) - 1) // domain_batch_size(domains, domains_per_batch, samples_per_domain)
+
+
 def domain_batch_indices(domains: np.ndarray, domains_per_batch: int, samples_per_domain: int,
                          generator: torch.Generator) -> list[np.ndarray]:
     """The sample indices of one epoch's batches (each batch's blocks in draw order)."""
@@ -78,7 +90,7 @@ class DomainBatches:
         self.dataset, self.domains, self.seed = dataset, domains, seed
         self.per, self.samples = domains_per_batch, samples_per_domain
         self.device, self.generator = torch.device(device), generator
-        self.batch = min(domains_per_batch, len(np.unique(domains))) * samples_per_domain
+        self.batch = domain_batch_size(domains, domains_per_batch, samples_per_domain)
         if len(domains) <= self.batch:
             raise ValueError(f"a DCoDR batch holds {self.batch} images but the data set has only "
                              f"{len(domains)} (dcodr.domains_per_batch, dcodr.samples_per_domain)")
@@ -93,7 +105,7 @@ class DomainBatches:
             self.images = torch.from_numpy(dataset.images).to(self.device)      # uint8 NHWC
 
     def __len__(self) -> int:
-        return (len(self.domains) - 1) // self.batch
+        return domain_epoch_length(self.domains, self.per, self.samples)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         gen = derived_generator(self.seed, Stream.DOMAIN_BATCHES, epoch)

@@ -370,14 +370,15 @@ class ThreeDIdentPairs:
 
     def images(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of ``rows`` as float32 (B, 3, H, W) on the device, normalised."""
-        from concurrent.futures import ThreadPoolExecutor
+        from .imagefolder import run_threads
 
         idx = rows.tolist()
-        if self.workers > 1 and len(idx) > 1:
-            with ThreadPoolExecutor(min(self.workers, len(idx))) as pool:
-                imgs = list(pool.map(self.dataset.load_image, idx))
-        else:
-            imgs = [self.dataset.load_image(i) for i in idx]
+        imgs: list = [None] * len(idx)
+
+        def work(k: int) -> None:
+            imgs[k] = self.dataset.load_image(idx[k])
+
+        run_threads(work, len(idx), self.workers)
         x = torch.stack(imgs).to(self.device, non_blocking=True)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if self.normalize:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from ..data.domain_batches import domain_values
+from ..data.domain_batches import domain_epoch_length, domain_values
 from ..losses.dcodr import dcodr_contrastive_loss
 from ..models.codes import contrastive_code
 from .base import Method, MethodContext, TrainStep
@@ -31,8 +31,7 @@ class DCoDRNoRec(Method):
         self.domains = torch.from_numpy(domains).to(ctx.device)
         self.build_extra(domains)
         d = cfg.dcodr
-        batch = min(d.domains_per_batch, len(set(domains.tolist()))) * d.samples_per_domain
-        steps = max(1, (len(domains) - 1) // batch)
+        steps = max(1, domain_epoch_length(domains, d.domains_per_batch, d.samples_per_domain))
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             ctx.optimizer, step_size=d.lr_step_epochs * steps, gamma=d.lr_gamma)
         self.train_step = TrainStep(ctx, self.objective, backend=self.backend)
