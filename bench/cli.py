@@ -34,6 +34,8 @@ BENCHMARKS = {
                                  "official MixUp structure"),
     "dcodr-step": ("dcodr_step", "one DCoDR / DCoDR-norec step: official-style against "
                                  "fastipirm"),
+    "ddp-loss": ("ddp_loss", "IP-IRM's loss on one rank of N: the replicated global loss "
+                             "against the op's distributed form"),
     "maximize": ("maximize", "one partition maximisation: official-style against fastipirm"),
     "all": ("suite", "kernels, loader, step and maximize, and the 400-epoch run estimate"),
     "cpu": ("cpu", "the CPU table of the kernel benchmark (reference and CPU backends)"),

@@ -25,6 +25,9 @@ masked          ``python -m bench masked``: masked_contrastive_loss against     
                 DCoDR and MixUp constructions
 step            ``python -m bench step``: ResNet-50, P = 1 and 8 (quick: 8),     240 s   90 s
                 the official-style step against fastipirm's and SimCLR's
+ddp-loss        ``python -m bench ddp-loss``: IP-IRM's loss on one rank of N      60 s   45 s
+                (2B = 2048, P = 8): the replicated global loss (every backend)
+                against the op's distributed form at N = 2, 4, 8
 step-resnet18   the same for ResNet-18, only when the budget still has its      150 s     -
                 limit left
 maximize        ``python -m bench maximize``: one partition maximisation over   240 s   75 s
@@ -88,6 +91,11 @@ STEP = {"full": ["--archs", "resnet50", "--partitions", "1", "8", *STEP_VARIANTS
         "cpu": ["--device", "cpu", "--archs", "resnet18", "--width", "2", "--batch", "16",
                 "--num-images", "48", "--source-size", "24", "--partitions", "2",
                 "--workers", "0", "--warmup", "1", "--repeats", "2", *STEP_VARIANTS]}
+DDP_LOSS = {"full": ["--device", "cuda", "--batch", "1024", "--worlds", "2", "4", "8"],
+            "quick": ["--device", "cuda", "--batch", "1024", "--worlds", "2", "8",
+                      "--repeats", "3"],
+            "cpu": ["--device", "cpu", "--batch", "16", "--dim", "8", "--partitions", "2",
+                    "--worlds", "2", "4", "--repeats", "1"]}
 MAXIMIZE = {"full": ["--official-epochs", "2"],
             "quick": ["--num-samples", "26250", "--official-epochs", "1"],
             "cpu": ["--device", "cpu", "--num-samples", "40", "--feature-batch", "16",
@@ -159,6 +167,13 @@ def _step_key(log: str, record: Optional[dict]) -> str:
             f"official, IP-IRM/SimCLR {num('ipirm_overhead', '.3f')}")
 
 
+def _ddp_loss_key(log: str, record: Optional[dict]) -> str:
+    rows = (record or {}).get("rows", [])
+    local = [r for r in rows if r["impl"] == "local" and r.get("over_replicated")]
+    return ", ".join(f"local N={r['world']} {r['over_replicated']:.2f}x" for r in local) + \
+        (" of the fastest replicated loss" if local else "")
+
+
 def _maximize_key(log: str, record: Optional[dict]) -> str:
     rows = {r["impl"]: r for r in (record or {}).get("rows", [])}
     fast = rows.get("fastipirm")
@@ -213,6 +228,8 @@ PHASES = (
     Phase("masked", _bench("masked", MASKED), {"full": 150, "quick": 60, "cpu": 60},
           _masked_key),
     Phase("step", _bench("step", STEP), {"full": 240, "quick": 90, "cpu": 90}, _step_key),
+    Phase("ddp-loss", _bench("ddp-loss", DDP_LOSS), {"full": 60, "quick": 45, "cpu": 60},
+          _ddp_loss_key),
     Phase("step-resnet18",
           _bench("step", {"full": ["--archs", "resnet18", *STEP["full"][2:]]}),
           {"full": 150}, _step_key, optional=True),

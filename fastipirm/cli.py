@@ -129,8 +129,12 @@ def _cmd_train(args) -> int:
         from . import distributed
         try:
             run(cfg, resume=args.resume)
-        finally:
-            distributed.shutdown()
+        except BaseException:
+            # no barrier on the way out: the other ranks wait in another collective (a failing
+            # rank exits, torchrun then stops the others; docs/distributed.md#process-group)
+            distributed.abandon()
+            raise
+        distributed.shutdown()
     except _expected_errors() as exc:
         return _report(exc)
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ from .models import ARCHS, MLP_ARCHS
 from .models.clica_image_encoders import CLICA_IMAGE_ARCHS
 from .models.dcodr_encoder import DCODR_ARCHS
 from .ops import PENALTIES
+from .ops.env_contrastive import DDP_FORMS, PARTIALS_BACKENDS
 from .ops.backends import BACKENDS
 from .runtime import AMP_MODES
 
@@ -109,7 +110,8 @@ class RunConfig:
     seed: int = 1234                     # official set_seed(1234)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     deterministic: bool = False          # torch.use_deterministic_algorithms + cudnn flags
-    threads: int = key(0, non_negative)  # CPU threads for torch (0 = torch's default)
+    threads: int = key(0, non_negative)  # CPU threads for torch (0 = torch's default); under
+                                         # torchrun shared by the processes of a machine
     pretrain_model: str = ""             # initialise the model from this checkpoint/state_dict
     compare_baseline: bool = False       # also train the SimCLR baseline, print a comparison
     compare_random: bool = False         # also evaluate the untrained network (same seed)
@@ -434,6 +436,17 @@ class DcodrConfig:
 class OpConfig:
     backend: str = key("auto", one_of(("auto",), BACKENDS))  # the fused op's backend
     penalty: str = key("slot", one_of(PENALTIES))  # IRM penalty variant: slot (official) | ...
+    # several processes, IP-IRM's loss: "local" (each rank's anchors against the gathered batch,
+    # per-slot sums all-reduced; the torch backend's distributed form), "replicated" (the whole
+    # global loss on every rank, through op.backend), "auto" (docs/distributed.md#gradients)
+    ddp_form: str = key("auto", one_of(DDP_FORMS))
+
+    def check(self, cfg: "Config") -> Optional[str]:
+        if self.ddp_form == "local" and self.backend not in ("auto", *PARTIALS_BACKENDS):
+            return (f"op.ddp_form = \"local\": the op's distributed form is implemented by the "
+                    f"{', '.join(PARTIALS_BACKENDS)} backend only; op.backend is "
+                    f"{self.backend!r} (use \"auto\" or \"replicated\")")
+        return None
 
     @property
     def backend_or_none(self) -> Optional[str]:

@@ -118,9 +118,12 @@ def shutdown() -> None:
             dist.destroy_process_group()
     _created_group = False
 
-# how long a rank waits at a collective: the other ranks wait while rank 0 evaluates (a final
-# linear probe can take long); a rank that fails does not rely on it (torchrun stops the others)
-TIMEOUT_MINUTES = 180
+def abandon() -> None:
+    """Forget the process group without a barrier or a collective (a rank that failed: the
+    others are blocked in some other collective, which a barrier would never match); the process
+    should exit next, and torchrun then stops the other ranks."""
+    global _created_group
+    _created_group = False
 
 
 def main_only(fn: Callable) -> Callable:
@@ -197,21 +200,44 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def share_rows(batch: int, rank_: int, world: int) -> slice:
+    """Rank ``rank_``'s contiguous share of a global batch of ``batch`` samples (``world`` must
+    divide it)."""
+    if batch % world:
+        raise ValueError(f"a batch of {batch} samples cannot be split over {world} ranks")
+    per = batch // world
+    return slice(rank_ * per, (rank_ + 1) * per)
+
+
 def shard(batch: tuple, world: int, rank_: int) -> tuple:
-    """Rank ``rank_``'s contiguous share of every tensor of a global batch (dim 0 divided by
-    ``world``; other values unchanged)."""
+    """Rank ``rank_``'s contiguous share (:func:`share_rows`) of every tensor of a global batch
+    (dim 0; other values unchanged)."""
     if world == 1:
         return batch
-    out = []
-    for t in batch:
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            if t.shape[0] % world:
-                raise ValueError(f"a batch of {t.shape[0]} samples cannot be split over "
-                                 f"{world} ranks")
-            per = t.shape[0] // world
-            t = t[rank_ * per:(rank_ + 1) * per]
-        out.append(t)
-    return tuple(out)
+    return tuple(t[share_rows(t.shape[0], rank_, world)]
+                 if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in batch)
+
+
+def balanced_shares(n: int, world: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every rank's share of ``n`` items, as even as possible (sizes differ
+    by at most one; a share may be empty when ``n < world``)."""
+    return [(r * n // world, (r + 1) * n // world) for r in range(world)]
+
+
+def gather_shares(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` rows of which every rank holds its :func:`balanced_shares` share ``x``, in order,
+    on every rank (no gradient; shares padded to equal size for the all-gather). Identity
+    without a group."""
+    if not active():
+        return x
+    world = dist.get_world_size()
+    shares = balanced_shares(n, world)
+    per = max(stop - start for start, stop in shares)
+    padded = x.new_zeros((per, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    full = all_gather_nograd(padded)
+    return torch.cat([full[r * per:r * per + stop - start]
+                      for r, (start, stop) in enumerate(shares)])
 
 
 def local_columns(local: int, device) -> torch.Tensor:

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from . import distributed
 from .data.mixup import mix, mixup_draws
 from .losses.ipirm import maximization_objective
 from .losses.ipirm_mixup import mixup_maximization_objective
@@ -102,14 +103,28 @@ def extract_views(model: torch.nn.Module, loader, augment, *, num_samples: int,
 
 
 def _project_pair(model, images, augment, generator, autocast, channels_last):
-    """The projections (head output) of one augmented view pair of ``images``."""
-    v1, v2 = augment(images, generator)
+    """The projections (head output) of one augmented view pair of ``images``.
+
+    Several processes (``docs/distributed.md#maximisation``): every rank has the whole batch,
+    makes the views of its share of it only (``augment(..., rows=share)``: the whole batch's
+    draws, so the generators stay in step), projects them and the projections are gathered: every
+    rank returns the whole batch's.
+    """
+    n = images.shape[0]
+    sharded = distributed.active() and n >= distributed.world_size()
+    if sharded:
+        start, stop = distributed.balanced_shares(n, distributed.world_size())[distributed.rank()]
+        v1, v2 = augment(images, generator, rows=slice(start, stop))
+    else:
+        v1, v2 = augment(images, generator)
     if channels_last:
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
     with autocast():
         p1 = model(v1)[1]
         p2 = model(v2)[1]
+    if sharded:
+        p1, p2 = distributed.gather_shares(p1, n), distributed.gather_shares(p2, n)
     return p1, p2
 
 
@@ -143,9 +158,9 @@ def online_views(model: torch.nn.Module, loader, augment, *, device: torch.devic
                                            device=device)
                 extra = (lam, partner)
 
-                def views(x, g, lam=lam, partner=partner):
-                    v1, v2 = augment(x, g)
-                    return mix(v1, lam, partner), v2
+                def views(x, g, rows=slice(None), lam=lam, partner=partner):
+                    v1, v2 = augment(x, g)       # partners across the batch: all of it
+                    return mix(v1, lam, partner)[rows], v2[rows]
             with torch.no_grad(), eval_mode(model):
                 p1, p2 = _project_pair(model, images.to(device), views, generator, autocast,
                                        channels_last)

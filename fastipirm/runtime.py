@@ -15,6 +15,7 @@ these rules from here, so they agree on them.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +27,7 @@ from .data import (LatentPairBatches, TwoViewAugment, TwoViewBatches, choose_pip
                    load_dataset)
 from .data.clica_sources import CLICA_SOURCES, load_pair_source
 from .data.domain_batches import DOMAIN_METHODS, DomainBatches, domain_values
+from .data.views import RankShares
 from .models import MLP_ARCHS, MLPEncoder, SimCLRModel, load_pretrained
 from .models.clica_image_encoders import CLICA_IMAGE_ARCHS, KittiConvEncoder, ResNetLatentEncoder
 from .models.dcodr_encoder import DCODR_ARCHS, DCoDREncoder, load_moco_v2
@@ -51,11 +53,19 @@ def select_device(name: str) -> torch.device:
     return dev
 
 
+def process_threads(threads: int) -> int:
+    """This process's share of ``run.threads``: all of them, or under torchrun an equal share
+    for each of the ``LOCAL_WORLD_SIZE`` processes of this machine (at least 1), so that N ranks
+    on one CPU do not oversubscribe it."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, threads // max(local, 1))
+
+
 def setup(cfg) -> torch.device:
     """Threads, global seeds and determinism of ``cfg.run``; returns the device."""
     device = select_device(cfg.run.device)
     if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+        torch.set_num_threads(process_threads(cfg.run.threads))
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
@@ -187,23 +197,27 @@ def augmentation(cfg, device: torch.device) -> TwoViewAugment:
                           scale=(cfg.data.crop_scale_min, 1.0)).to(device)
 
 
-def training_views(cfg, train_set, device: torch.device,
-                   generator: Optional[torch.Generator]) -> TwoViewBatches:
+def training_views(cfg, train_set, device: torch.device, generator: Optional[torch.Generator],
+                   shard: Optional[tuple[int, int]] = None) -> TwoViewBatches:
     """The two-view batches of ``cfg`` (``train.batch_size``, ``data.pipeline``, crop options);
-    for CL-ICA's data, its fresh pairs on ``device``."""
+    for CL-ICA's data, its fresh pairs on ``device``. ``shard=(rank, world)``: every batch is
+    this rank's contiguous share of the global batch (the torch image pipeline augments the
+    share only; the others make the global batch and slice it)."""
     if cfg.data.name in CLICA_SOURCES:
-        return LatentPairBatches(train_set.to(device), cfg.train.batch_size,
-                                 cfg.clica.steps_per_epoch, cfg.run.seed)
+        pairs = LatentPairBatches(train_set.to(device), cfg.train.batch_size,
+                                  cfg.clica.steps_per_epoch, cfg.run.seed)
+        return pairs if shard is None else RankShares(pairs, *shard)
     if cfg.method.name in DOMAIN_METHODS:
         d = cfg.dcodr
         pipeline = choose_pipeline(cfg.data.pipeline, device)
         try:
-            return DomainBatches(train_set, domain_values(train_set, cfg.data.domain_factor),
-                                 domains_per_batch=d.domains_per_batch,
-                                 samples_per_domain=d.samples_per_domain, seed=cfg.run.seed,
-                                 device=device, generator=generator, pipeline=pipeline)
+            domains = DomainBatches(train_set, domain_values(train_set, cfg.data.domain_factor),
+                                    domains_per_batch=d.domains_per_batch,
+                                    samples_per_domain=d.samples_per_domain, seed=cfg.run.seed,
+                                    device=device, generator=generator, pipeline=pipeline)
         except ImportError as exc:
             raise ValueError(f"data.pipeline = \"{pipeline}\": {exc}") from None
+        return domains if shard is None else RankShares(domains, *shard)
     n, batch = len(train_set.images), cfg.train.batch_size
     if n < batch:
         raise ValueError(f"train.batch_size: {batch} is larger than the {n} images of "
@@ -212,6 +226,7 @@ def training_views(cfg, train_set, device: torch.device,
     try:
         return TwoViewBatches(train_set, batch, seed=cfg.run.seed, device=device,
                               pipeline=pipeline, out_size=cfg.data.crop_size,
-                              scale=(cfg.data.crop_scale_min, 1.0), generator=generator)
+                              scale=(cfg.data.crop_scale_min, 1.0), generator=generator,
+                              shard=shard)
     except ImportError as exc:
         raise ValueError(f"data.pipeline = \"{pipeline}\": {exc}") from None

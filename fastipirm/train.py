@@ -22,9 +22,10 @@ derives from the run seed (:mod:`fastipirm.seeding`); the checkpoint holds the m
 scaler, the method's state and every RNG state, so a run resumed on CPU reproduces the
 uninterrupted one bit for bit.
 
-Several processes (``torchrun``, ``docs/distributed.md``): every rank makes the same global
-batch and trains on its share, the model is wrapped in DDP, the methods gather their keys from
-every rank, and rank 0 alone logs, evaluates and writes; world size 1 is the above unchanged.
+Several processes (``torchrun``, ``docs/distributed.md``): every rank walks the same global
+batches and makes and trains on its share, the model is wrapped in DDP, the methods gather their
+keys from every rank, and rank 0 alone logs, evaluates and writes; world size 1 is the above
+unchanged.
 """
 from __future__ import annotations
 
@@ -85,7 +86,11 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
     train_set = runtime.load_split(cfg, cfg.data.split)
     memory_set, test_set = runtime.load_eval_splits(cfg, train_set, log)
     aug_gen = derived_generator(seed, Stream.AUGMENT, device=device)
-    views = runtime.training_views(cfg, train_set, device, aug_gen)
+    # several processes: each rank's share of every global batch (a ``global_batch`` method,
+    # MixUp, takes the whole batch and its share itself)
+    share = (dinfo.rank, world) if world > 1 and not METHODS[cfg.method.name].global_batch \
+        else None
+    views = runtime.training_views(cfg, train_set, device, aug_gen, shard=share)
     if main:
         out.mkdir(parents=True, exist_ok=True)          # only once the data has loaded
         write_config(cfg, out / "config.toml")
@@ -151,11 +156,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
         steps = len(views)
         bar = progress_bar(progress, steps, f"epoch {epoch}/{t.epochs}")
         last_time, last_i = time.perf_counter(), 0
-        for i, batch in enumerate(views.epoch(epoch), 1):
-            # every rank makes the same global batch; each trains on its contiguous share (a
-            # ``global_batch`` method takes it itself)
-            indices, v1, v2 = batch if method.global_batch else distributed.shard(
-                batch, world, dinfo.rank)
+        for i, (indices, v1, v2) in enumerate(views.epoch(epoch), 1):
             loss, parts = method.step(indices, v1, v2)
             step += 1
             values = torch.stack([loss, *(parts[k] for k in method.metric_names)]).double()

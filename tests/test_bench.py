@@ -463,16 +463,17 @@ def test_gpu_check_tiny_cpu_run(capsys, tmp_path):
     record = json.loads(path.read_text())
     assert record["mode"] == "cpu"
     assert [r["phase"] for r in record["rows"]] == ["info", "check", "gpu-tests", "kernels",
-                                                    "masked", "step", "maximize"]
+                                                    "masked", "step", "ddp-loss", "maximize"]
     for r in record["rows"]:
         assert r["status"] == "ok" and Path(r["log"]).exists(), r
     records = {r["phase"]: json.loads(Path(r["record"]).read_text())["benchmark"]
                for r in record["rows"] if r["record"]}
     assert records == {"kernels": "kernels", "masked": "masked", "step": "step",
-                       "maximize": "maximize"}
+                       "ddp-loss": "ddp_loss", "maximize": "maximize"}
     keys = {r["phase"]: r["key"] for r in record["rows"]}
     assert keys["check"] == "all backends of both ops agree with their references"
     assert "skipped" in keys["gpu-tests"] and "P=2: fastipirm" in keys["step"]
     assert keys["masked"].startswith("CL-ICA l1 B=64: ")
+    assert keys["ddp-loss"].startswith("local N=2 ")
     table = out[out.index("gpu-check (cpu run"):]
     assert "phase" in table and "maximize" in table and f"wrote {path}" in out

@@ -1,6 +1,8 @@
-"""The DCoDR and MixUp step benchmarks (``python -m bench dcodr-step``, ``mixup-step``) at a tiny
-size, and the comparison table's factor-probe rows."""
+"""The DCoDR, MixUp and DDP-loss benchmarks (``python -m bench dcodr-step``, ``mixup-step``,
+``ddp-loss``) at a tiny size, and the comparison table's factor-probe rows."""
 import json
+
+import pytest
 
 from bench import cli as bcli
 from fastipirm.runlog import comparison_table
@@ -44,3 +46,19 @@ def test_mixup_step_benchmark_tiny(tmp_path):
     assert [r["impl"] for r in rows] == ["ipirm", "ipirm_mixup", "official-mixup"]
     assert rows[0]["over_ipirm_step"] == 1.0 and rows[1]["target"] is None     # P = 2
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_ddp_loss_benchmark_tiny(tmp_path):
+    assert bcli.main(["ddp-loss", "--batch", "8", "--dim", "4", "--partitions", "2",
+                      "--worlds", "2", "4", "--repeats", "1", "--results-dir",
+                      str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("ddp_loss_*.json")
+    rows = json.loads(path.read_text())["rows"]
+    impls = [r["impl"] for r in rows]
+    assert "replicated-torch" in impls and impls[-2:] == ["local", "local"]
+    assert [r["world"] for r in rows[-2:]] == [2, 4]
+    assert min(r["over_replicated"] for r in rows if r["world"] is None) == 1.0
+    assert all(r["median_ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bcli.main(["ddp-loss", "--worlds", "x"])
+    assert bcli.main(["ddp-loss", "--batch", "6", "--worlds", "4", "--no-save"]) == 2

@@ -25,8 +25,13 @@ WORLD = 2
 BATCH = 8                   # global; 4 per rank
 SIZE = 8                    # images and crops 8 x 8
 DCODR_SIZE = 32             # DCoDR: the generator and the VGG need 16 | size and size >= 32
-METHODS = ("simclr", "simclr_debiased", "clica", "dcodr_norec", "ipirm", "mixup", "ipirm_mixup",
-           "dcodr")
+# ipirm: local anchors and all-reduced per-slot sums (the op's distributed form, torch backend);
+# ipirm_split: the same with the split penalty; ipirm_replicated: op.ddp_form = "replicated",
+# the whole global loss on every rank
+METHODS = ("simclr", "simclr_debiased", "clica", "dcodr_norec", "ipirm", "ipirm_split",
+           "ipirm_replicated", "mixup", "ipirm_mixup", "dcodr")
+IPIRM_VARIANTS = {"ipirm": ("slot", "auto", "local"), "ipirm_split": ("split", "local", "local"),
+                  "ipirm_replicated": ("slot", "replicated", "replicated")}
 
 
 class Tiny(torch.nn.Module):
@@ -46,7 +51,8 @@ class Tiny(torch.nn.Module):
 
 def config(name: str, vgg: str = "") -> Config:
     cfg = Config()
-    cfg.method.name = "simclr" if name == "simclr_debiased" else name
+    cfg.method.name = ("simclr" if name == "simclr_debiased" else
+                       "ipirm" if name in IPIRM_VARIANTS else name)
     cfg.ipirm.debiased = name == "simclr_debiased"
     cfg.model.channels_last = False
     cfg.train.temperature = 0.5
@@ -62,6 +68,8 @@ def config(name: str, vgg: str = "") -> Config:
     p = cfg.partition
     p.batch_size, p.extract_batch_size = 8, 8
     p.max_epochs, p.min_epochs, p.patience, p.milestones = 4, 2, 2, [2, 3]
+    if name in IPIRM_VARIANTS:
+        cfg.op.penalty, cfg.op.ddp_form, _ = IPIRM_VARIANTS[name]
     return cfg
 
 
@@ -111,7 +119,8 @@ def one_step(name: str, rank: int, world: int, vgg: str = "") -> dict:
                         plain_forward=model, train_set=dataset(size),
                         generator=torch.Generator().manual_seed(0))
     method = build_method(cfg.method.name, ctx)
-    if name == "ipirm":
+    if name in IPIRM_VARIANTS:
+        assert method.ddp_form == IPIRM_VARIANTS[name][2]
         method.partitions = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(3))
         method.penalty_weight = 0.7
     if name == "ipirm_mixup":
@@ -129,19 +138,41 @@ def one_step(name: str, rank: int, world: int, vgg: str = "") -> dict:
             "parts": {k: distributed.mean_across(v.double()).tolist() for k, v in parts.items()}}
 
 
-def maximisation(rank: int, world: int) -> torch.Tensor:
+class RecordingAugment(TwoViewAugment):
+    """TwoViewAugment that records the batch rows it was asked to make."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.made = []
+
+    def forward(self, images, generator=None, rows=None):
+        self.made.append((images.shape[0], None if rows is None else (rows.start, rows.stop)))
+        return super().forward(images, generator, rows=rows)
+
+
+# the maximisations compared: the offline bank, the online search, IP-IRM + MixUp's online
+# MixUp search
+SEARCHES = ("offline", "online", "mixup_online")
+
+
+def maximisation(rank: int, world: int, search: str = "offline") -> dict:
+    """The first partition of a run (and the rows each extraction batch made on this rank)."""
     torch.manual_seed(0)
-    cfg = config("ipirm")
+    name = "ipirm_mixup" if search == "mixup_online" else "ipirm"
+    cfg = config(name)
+    cfg.partition.offline = search == "offline"
+    cfg.partition.mixup_max = search == "mixup_online"
+    cfg.partition.extract_batch_size = 7     # batches of 7, 7, 2: uneven shares (3 + 4, 1 + 1)
     model = Tiny(tuple_out=True)
     forward = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     ctx = MethodContext(cfg, model, optimizer, torch.device("cpu"), forward=forward,
                         plain_forward=model, train_set=dataset(),
-                        augment=TwoViewAugment(out_size=SIZE, scale=(0.5, 1.0)),
+                        augment=RecordingAugment(out_size=SIZE, scale=(0.5, 1.0)),
                         generator=torch.Generator().manual_seed(0), log=lambda s: None)
-    method = build_method("ipirm", ctx)
+    method = build_method(name, ctx)
     method.start()
-    return method.partitions.clone()
+    return {"partitions": method.partitions.clone(), "made": ctx.augment.made}
 
 
 def _rank_main(rank: int, port: int, out: str, vgg: str) -> None:
@@ -151,7 +182,7 @@ def _rank_main(rank: int, port: int, out: str, vgg: str) -> None:
     distributed.init_from_env("cpu")
     try:
         results = {name: one_step(name, rank, WORLD, vgg) for name in METHODS}
-        results["partitions"] = maximisation(rank, WORLD)
+        results["maximisation"] = {s: maximisation(rank, WORLD, s) for s in SEARCHES}
         results["world"] = distributed.world_size()
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -204,11 +235,22 @@ def test_one_step_on_two_ranks_equals_one_process(two_ranks, vgg_file, name):
         assert single["grads"]["generator.class_embedding.weight"].abs().sum() > 0
 
 
-def test_two_rank_maximisation_gives_the_one_process_partitions(two_ranks):
-    single = maximisation(0, 1)
-    for res in two_ranks:
-        assert torch.equal(res["partitions"].argmax(-1), single.argmax(-1))
-        assert torch.allclose(res["partitions"], single, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("search", SEARCHES)
+def test_two_rank_maximisation_gives_the_one_process_partitions(two_ranks, search):
+    """Each rank made the views of its share of every extraction batch only (the MixUp search:
+    all views, its partners span the batch), and every rank ends with the 1-process partition."""
+    single = maximisation(0, 1, search)
+    assert all(rows is None for _, rows in single["made"])
+    for rank, res in enumerate(two_ranks):
+        got = res["maximisation"][search]
+        assert torch.equal(got["partitions"].argmax(-1), single["partitions"].argmax(-1))
+        assert torch.allclose(got["partitions"], single["partitions"], rtol=1e-5, atol=1e-6)
+        assert len(got["made"]) == len(single["made"]) > 0
+        for n, rows in got["made"]:
+            if search == "mixup_online":
+                assert rows is None
+            else:
+                assert rows == distributed.balanced_shares(n, WORLD)[rank]
 
 
 def test_world_size_one_needs_no_process_group(monkeypatch):
@@ -228,7 +270,7 @@ def test_shard_takes_contiguous_shares_and_rejects_uneven_batches():
         distributed.shard((torch.arange(6),), 4, 0)
 
 
-def _torchrun(args, cwd):
+def _torchrun(args, cwd, target=("-m", "fastipirm", "train"), ok=True):
     import subprocess
     import sys
 
@@ -237,8 +279,10 @@ def _torchrun(args, cwd):
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), "-m", "fastipirm", "train", *args],
+         "--master_port", str(_free_port()), *target, *args],
         capture_output=True, text=True, env=env, timeout=240, cwd=str(cwd))
+    if not ok:
+        return proc
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -347,3 +391,100 @@ def test_the_mixup_environment_terms_on_shares_equal_the_whole_batch():
     whole = imix_loss(q, k, lam, partner, **kw)
     halves = [imix_loss(q[r], k, lam, partner, rows=r, **kw) for r in shares]
     assert torch.allclose((5 * halves[0] + 3 * halves[1]) / 8, whole)
+
+
+def test_sharded_training_views_are_the_shares_of_the_global_batches():
+    """``TwoViewBatches(shard=(r, 2))``: each rank's batches (indices and views) are its share
+    of the 1-process batches, bit for bit, and every rank's generator ends where one process's
+    does; :class:`RankShares` slices any other training views."""
+    from fastipirm.data.views import RankShares, TwoViewBatches
+
+    def epoch(shard):
+        gen = torch.Generator().manual_seed(4)
+        views = TwoViewBatches(dataset(), BATCH, seed=2, device="cpu", out_size=SIZE,
+                               generator=gen, shard=shard)
+        return list(views.epoch(3)), gen.get_state()
+
+    whole, state = epoch(None)
+    shares = [epoch((r, WORLD)) for r in range(WORLD)]
+    assert len(whole) == 2
+    for r, (batches, rank_state) in enumerate(shares):
+        assert torch.equal(rank_state, state)
+        for got, want in zip(batches, whole):
+            for a, b in zip(got, want):
+                assert torch.equal(a, b[r * BATCH // WORLD:(r + 1) * BATCH // WORLD])
+
+    class Global:
+        augment = "aug"
+
+        def __len__(self):
+            return 1
+
+        def epoch(self, e):
+            yield torch.arange(6) + e, torch.zeros(6, 2), 7
+
+    sliced = RankShares(Global(), 1, 3)
+    assert len(sliced) == 1 and sliced.augment == "aug"
+    (idx, x, seven), = sliced.epoch(10)
+    assert idx.tolist() == [12, 13] and x.shape == (2, 2) and seven == 7
+    with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
+        TwoViewBatches(dataset(), 6, seed=0, device="cpu", out_size=SIZE, shard=(0, 4))
+
+
+def test_gather_shares_without_a_group_and_balanced_shares():
+    x = torch.randn(5, 2)
+    assert distributed.gather_shares(x, 5) is x
+    assert distributed.balanced_shares(7, 3) == [(0, 2), (2, 4), (4, 7)]
+    assert distributed.balanced_shares(1, 2) == [(0, 0), (0, 1)]
+
+
+FAILING_RANK = """
+import os, runpy, sys
+failing = sys.argv[2]
+if os.environ["RANK"] == failing:
+    from fastipirm.methods.ipirm import IPIRM
+
+    scheduled = IPIRM.begin_epoch
+
+    def begin_epoch(self, epoch):
+        if epoch == 2:
+            raise RuntimeError("injected failure on rank " + failing)
+        scheduled(self, epoch)
+
+    IPIRM.begin_epoch = begin_epoch
+sys.argv = ["fastipirm", "train", "--config", sys.argv[1]]        # argv[2]: the failing rank
+runpy.run_module("fastipirm", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_rank_stops_the_run_with_its_error_and_keeps_the_checkpoint(tmp_path, failing):
+    """One rank raises at the start of epoch 2 while the other waits in a collective: the run
+    ends (no hang) with a non-zero exit, the error is printed, and epoch 1's checkpoint stays."""
+    import time
+
+    from test_train import tiny_config
+
+    from fastipirm.checkpoint import load_checkpoint
+
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    cfg = tiny_config(tmp_path, "fail.toml", sets=["train.epochs=3", "run.name=fail",
+                                                    "run.compare_baseline=false",
+                                                    "run.compare_random=false"])
+    start = time.perf_counter()
+    proc = _torchrun([str(cfg), str(failing)], tmp_path, target=(str(script),), ok=False)
+    assert proc.returncode != 0
+    assert time.perf_counter() - start < 200
+    assert f"injected failure on rank {failing}" in proc.stdout + proc.stderr
+    ckpt = load_checkpoint(tmp_path / "runs" / "fail")
+    assert ckpt["epoch"] == 1 and ckpt["world_size"] == 2
+
+
+def test_run_threads_are_shared_by_the_processes_of_a_machine(monkeypatch):
+    from fastipirm.runtime import process_threads
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert process_threads(8) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert process_threads(8) == 4 and process_threads(2) == 1 and process_threads(1) == 1

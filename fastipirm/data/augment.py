@@ -195,6 +195,9 @@ class TwoViewAugment(torch.nn.Module):
     ``forward(images, generator)`` returns (view1, view2), each float32 (N, 3, out_size, out_size),
     normalised, on the device of ``images``. ``view(images, generator)`` gives one view. With a
     ``generator`` (preferably on the images' device) the result is a pure function of its state.
+    ``rows`` (a slice of the batch, e.g. one rank's share): the parameters are drawn for the
+    whole batch, as without it, and only those rows are made, so the result is those rows of the
+    whole batch's views and the generator ends in the same state.
     """
 
     def __init__(self, out_size: int = 32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -229,10 +232,11 @@ class TwoViewAugment(torch.nn.Module):
                 f"blur_p={self.blur_p}, blur_sigma={self.blur_sigma}")
 
     @torch.no_grad()
-    def forward(self, images: Tensor,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        x = _to_float_nchw(images)
-        return self._view(x, generator), self._view(x, generator)
+    def forward(self, images: Tensor, generator: Optional[torch.Generator] = None,
+                rows: Optional[slice] = None) -> tuple[Tensor, Tensor]:
+        n = images.shape[0]
+        x = _to_float_nchw(images if rows is None else images[rows])
+        return self._view(x, generator, n, rows), self._view(x, generator, n, rows)
 
     @torch.no_grad()
     def view(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -278,9 +282,15 @@ class TwoViewAugment(torch.nn.Module):
                      self.std.to(x.device, non_blocking=True))
         return ((x - mean) / std).contiguous()
 
-    def _view(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        n, _, height, width = x.shape
-        return self.apply(x, self.sample_params(n, height, width, generator, device=x.device))
+    def _view(self, x: Tensor, generator: Optional[torch.Generator], n: Optional[int] = None,
+              rows: Optional[slice] = None) -> Tensor:
+        """One view of ``x`` (``rows`` of a batch of ``n``: the whole batch's draws, those rows')."""
+        _, _, height, width = x.shape
+        params = self.sample_params(x.shape[0] if n is None else n, height, width, generator,
+                                    device=x.device)
+        if rows is not None:
+            params = {k: v[rows] for k, v in params.items()}
+        return self.apply(x, params)
 
     @staticmethod
     def _color_jitter(x: Tensor, active: Tensor, order: Tensor, factors: Tensor) -> Tensor:

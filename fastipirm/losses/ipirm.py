@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops import env_contrastive_loss
+from .. import distributed
+from ..ops import env_contrastive_loss, env_contrastive_partials, env_penalty
 from .simclr import debiased_nt_xent
 
 IRM_MODES = ("v1", "v2")  # maximisation penalty: v1 the IRM gradient penalty, v2 the loss variance
@@ -63,7 +64,8 @@ def memberships_from_logits(partitions: torch.Tensor, indices: torch.Tensor) -> 
 def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[torch.Tensor], *,
                       temperature: float, irm_temperature: float, penalty_weight: float,
                       keep_cont: bool, backend: Optional[str] = None, penalty: str = "slot",
-                      check_values: bool = True, debiased: bool = False, tau_plus: float = 0.1
+                      check_values: bool = True, debiased: bool = False, tau_plus: float = 0.1,
+                      rows: Optional[tuple[int, int]] = None, world: int = 1
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Official minimisation loss over all retained partitions at once.
 
@@ -77,6 +79,12 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
         debiased, tau_plus: the global term is DCL's debiased NT-Xent with class prior
             ``tau_plus`` (:func:`~fastipirm.losses.simclr.debiased_nt_xent`) instead of NT-Xent;
             needs ``keep_cont``. The environment terms are unchanged.
+        rows, world: the op's distributed form (``docs/distributed.md#gradients``): ``z1``,
+            ``z2`` and ``memberships`` are the gathered global batch and only the samples
+            ``[start, stop) = rows`` (this rank's share) are anchors. Every loss term is then this
+            rank's partial sum times ``world`` (their mean over the ranks is the global loss), and
+            the per-slot gradients are all-reduced (autograd-aware) before they are squared, so
+            every rank returns the whole penalty. Not with ``debiased``.
 
     Returns ``(total, parts)`` with parts ``loss_global``, ``loss_env`` (mean over the P*K
     columns), ``penalty`` (mean), and the per-column ``env_losses``/``env_penalties``, all
@@ -85,6 +93,9 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
     if memberships is None and not keep_cont:
         raise ValueError("minimization_loss needs memberships, keep_cont=True, or both")
     if debiased:
+        if rows is not None:
+            raise ValueError("debiased has no distributed form (rows): compute the global "
+                             "loss on every rank instead")
         return _debiased_minimization_loss(z1, z2, memberships, temperature=temperature,
                                            irm_temperature=irm_temperature,
                                            penalty_weight=penalty_weight, keep_cont=keep_cont,
@@ -97,10 +108,19 @@ def minimization_loss(z1: torch.Tensor, z2: torch.Tensor, memberships: Optional[
     if memberships is not None:
         columns.append(memberships.to(device=z1.device, dtype=torch.float32))
     weights = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
-    losses, penalties = env_contrastive_loss(z1, z2, weights, temperature=temperature,
-                                             irm_temperature=irm_temperature, soft=False,
-                                             backend=backend, penalty=penalty,
-                                             check_values=check_values)
+    if rows is None:
+        losses, penalties = env_contrastive_loss(z1, z2, weights, temperature=temperature,
+                                                 irm_temperature=irm_temperature, soft=False,
+                                                 backend=backend, penalty=penalty,
+                                                 check_values=check_values)
+    else:
+        losses, slot_grads = env_contrastive_partials(
+            z1, z2, weights, samples=rows, temperature=temperature,
+            irm_temperature=irm_temperature, penalty=penalty, backend=backend,
+            check_values=check_values)
+        penalties = env_penalty(distributed.all_reduce_grad(slot_grads), weights,
+                                penalty=penalty)
+        losses = losses * world
     zero = losses.new_zeros(())
     loss_global = losses[0] if keep_cont else zero
     env_losses = losses[1:] if keep_cont else losses

@@ -58,9 +58,10 @@ class Method(ABC):
       over an epoch and logged beside ``loss``.
     * ``epoch_fields``: the fields :meth:`end_epoch` adds to an epoch's metrics row.
     * ``global_batch``: under several processes :meth:`step` receives the whole global batch
-      (every rank has it) and takes its share itself (MixUp: the partners range over the
-      global batch's images); otherwise (default) the loop passes this rank's contiguous share
-      (:func:`fastipirm.distributed.shard`). One process: the batch either way.
+      (every rank makes it) and takes its share itself (MixUp: the partners range over the
+      global batch's images); otherwise (default) it receives this rank's contiguous share
+      (the training views are made with ``shard=(rank, world)``). One process: the batch
+      either way.
     """
 
     name: ClassVar[str]

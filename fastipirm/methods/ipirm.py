@@ -16,6 +16,12 @@ maximises that penalty (maximisation). What the official code does is in
   retained ``(P, N, K)`` stack.
 * State: the retained partitions, the last best Theta (warm start when ``random_init`` is off)
   and the log of every maximisation.
+
+Several processes (``docs/distributed.md``): the step gathers both views' projections and the
+indices; with ``op.ddp_form`` local each rank's samples are the anchors of the op's distributed
+form and the per-slot sums are all-reduced before they are squared, replicated computes the
+whole global loss on every rank. The maximisation extracts the bank in shares (gathered), runs
+the same search everywhere and broadcasts rank 0's Theta.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from .. import distributed
 from .. import partition as part
 from ..data import IndexedLoader
 from ..losses.ipirm import memberships_from_logits, minimization_loss
+from ..ops.env_contrastive import choose_ddp_form
 from ..runtime import TrainingDiverged
 from ..seeding import Stream, derive_seed, derived_generator
 from .base import Method, MethodContext, TrainStep, project_views
@@ -54,6 +61,11 @@ class IPIRM(Method):
                                  keep_cont=cfg.ipirm.keep_cont, backend=self.backend,
                                  penalty=cfg.op.penalty, check_values=False)
         self.train_step = TrainStep(ctx, self.objective, backend=self.backend)
+        # several processes: each rank's anchors against the gathered batch through the op's
+        # distributed form ("local"), or the whole global loss on every rank ("replicated");
+        # op.ddp_form, docs/distributed.md#gradients
+        self.ddp_form = choose_ddp_form(cfg.op.ddp_form, self.backend, ctx.device,
+                                        distributed.world_size())
         self.partitions: Optional[torch.Tensor] = None    # (P, N, K) retained partition logits
         self.last_theta: Optional[torch.Tensor] = None    # the latest best Theta (warm start)
         self.partition_log: list = []
@@ -63,12 +75,17 @@ class IPIRM(Method):
     # -- the minimisation step ---------------------------------------------------------------
     def objective(self, indices, view1, view2, partitions, penalty_weight):
         z1, z2 = project_views(self.ctx, view1, view2)
-        if distributed.active():     # every rank: the global batch's loss (docs/distributed.md)
+        local = {}
+        if distributed.active():     # the gathered global batch (docs/distributed.md#gradients)
+            n, world = z1.shape[0], distributed.world_size()
             z1, z2 = distributed.all_gather_grad(z1), distributed.all_gather_grad(z2)
             indices = distributed.all_gather_nograd(indices)
+            if self.ddp_form == "local":    # this rank's anchors, slot sums all-reduced
+                rank = distributed.rank()
+                local = dict(rows=(rank * n, (rank + 1) * n), world=world)
         memberships = None if partitions is None else memberships_from_logits(partitions, indices)
         return minimization_loss(z1, z2, memberships, penalty_weight=penalty_weight,
-                                 **self.loss_options)
+                                 **self.loss_options, **local)
 
     def begin_epoch(self, epoch: int) -> None:
         self.penalty_weight = scheduled_penalty_weight(self.ctx.cfg, epoch)

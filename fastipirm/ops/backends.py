@@ -100,9 +100,11 @@ class Registry:
             self.auto_order[device] = tuple(order)
 
     def available(self, device: Optional[str] = None) -> list[str]:
-        """Names of the backends that load on this machine (for ``device`` type if given)."""
+        """Names of the backends that load on this machine (for ``device``'s type if given: a
+        ``torch.device`` or a name such as ``"cuda:0"``)."""
+        kind = None if device is None else torch.device(device).type
         return [b.name for b in self.backends.values()
-                if (device is None or device in b.devices) and b.load() is not None]
+                if (kind is None or kind in b.devices) and b.load() is not None]
 
     def report(self) -> list[tuple[str, bool, str]]:
         """``(name, available, reason or devices)`` for every known backend."""

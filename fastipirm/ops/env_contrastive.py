@@ -148,3 +148,89 @@ def env_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.
     if not env_weights.is_floating_point():
         env_weights = env_weights.to(torch.float32)
     return impl(z1, z2, env_weights, spec)
+
+
+# the backends that implement the distributed form (env_contrastive_partials)
+PARTIALS_BACKENDS = ("torch",)
+# how a multi-process IP-IRM step computes its loss (config op.ddp_form, docs/distributed.md)
+DDP_FORMS = ("auto", "local", "replicated")
+# "auto" takes the distributed form from this many ranks on even where a fused backend would run
+# the replicated loss: its GEMM form on 1/N of the anchors against the fused kernel on all of
+# them (python -m bench ddp-loss; 2-core CPU, B 256, P 8: N = 2 1.34x, N = 4 0.99x, N = 8 0.73x
+# the C++ kernel's time)
+LOCAL_FORM_MIN_WORLD = 4
+
+
+def choose_ddp_form(requested: str, backend: Optional[str], device: torch.device,
+                    world: int) -> str:
+    """``"local"`` (:func:`env_contrastive_partials` on this rank's anchors) or ``"replicated"``
+    (:func:`env_contrastive_loss` on the whole gathered batch, through ``backend``) for a run on
+    ``world`` ranks. ``requested``: ``"local"`` needs ``backend`` None/auto/torch;
+    ``"replicated"`` is always possible; ``"auto"``: local when the backend the op would use is
+    torch or from :data:`LOCAL_FORM_MIN_WORLD` ranks on (with ``backend`` None or torch), else
+    replicated."""
+    if requested not in DDP_FORMS:
+        raise ValueError(f"ddp_form must be one of {DDP_FORMS}, got {requested!r}")
+    local_ok = backend in (None, "auto", *PARTIALS_BACKENDS)
+    if requested == "local" and not local_ok:
+        raise ValueError(f"ddp_form 'local': the op's distributed form is implemented by "
+                         f"{', '.join(PARTIALS_BACKENDS)} only, not backend {backend!r}")
+    if requested != "auto":
+        return requested
+    if not local_ok:
+        return "replicated"
+    resolved, _ = resolve_backend(backend, device)
+    return "local" if resolved in PARTIALS_BACKENDS or world >= LOCAL_FORM_MIN_WORLD \
+        else "replicated"
+
+
+def env_contrastive_partials(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor, *,
+                             samples: tuple[int, int], temperature: float,
+                             irm_temperature: float, penalty: str = "slot",
+                             backend: Optional[str] = None, check_values: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distributed form of :func:`env_contrastive_loss` (hard mode): one rank's partial sums.
+
+    ``z1``, ``z2`` (B, D) and ``env_weights`` (B, M) are those of the *whole* (gathered) batch;
+    only the samples ``[start, stop) = samples`` (this rank's share) are anchors, against every
+    sample of the batch as negatives. Returns ``(loss_part (M,), slot_grads (G, slots))``:
+
+    * ``loss_part[m]``: the anchors' share of ``loss[m]`` (their terms over the environment's
+      whole anchor count), so the sum over disjoint shares is :func:`env_contrastive_loss`'s loss;
+    * ``slot_grads``: the anchors' partial sums of the per-slot gradients ``g`` whose squares make
+      the penalty (``G`` = M, or 2M for the split penalties). The penalty is *not* linear in
+      them: sum them over the shares first (``torch.distributed.nn.functional.all_reduce``), then
+      :func:`env_penalty`.
+
+    Differentiable w.r.t. ``z1`` and ``z2`` (closed-form backward over the anchor rows, every
+    row of the batch receiving its gradient as a negative); memberships are not differentiated.
+    Implemented by the ``torch`` backend (the GEMM form, CPU and CUDA); ``backend`` may be
+    ``None``/``"auto"``/``"torch"``, another name is an error.
+    """
+    if backend not in (None, "auto", *PARTIALS_BACKENDS):
+        raise ValueError(f"backend {backend!r}: the distributed form of the op "
+                         f"(env_contrastive_partials) is implemented by "
+                         f"{', '.join(PARTIALS_BACKENDS)} only")
+    spec = _validated(z1, z2, env_weights, None,
+                      dict(temperature=temperature, irm_temperature=irm_temperature, soft=False,
+                           penalty=penalty), check_values)
+    start, stop = (int(v) for v in samples)
+    if not 0 <= start < stop <= z1.shape[0]:
+        raise ValueError(f"samples must be a non-empty range [start, stop) inside the batch of "
+                         f"{z1.shape[0]}, got {tuple(samples)}")
+    from .torch_backend import env_contrastive_partials_torch
+    if not env_weights.is_floating_point():
+        env_weights = env_weights.to(torch.float32)
+    return env_contrastive_partials_torch(z1, z2, env_weights, spec, (start, stop))
+
+
+def env_penalty(slot_grads: torch.Tensor, env_weights: torch.Tensor, *,
+                penalty: str = "slot") -> torch.Tensor:
+    """The penalty (M,) of :func:`env_contrastive_partials`'s slot gradients once they are summed
+    over all the shares (differentiable w.r.t. them; 0 for an empty environment)."""
+    from .torch_backend import env_penalty_torch
+    spec = EnvContrastiveSpec.of(None, temperature=1.0, irm_temperature=1.0, soft=False,
+                                 penalty=penalty)
+    if not env_weights.is_floating_point():
+        env_weights = env_weights.to(torch.float32)
+    return env_penalty_torch(slot_grads, env_weights, spec)

@@ -40,6 +40,7 @@ shared with the fused glue: :mod:`fastipirm.ops.env_weights`.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -102,25 +103,38 @@ def _per_anchor(p: dict, kappa: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(ratio), torch.log1p(ratio), direct)
 
 
-def _blocks(feats: torch.Tensor, s: Setup):
-    """Yield ``(block, similarity rows)`` over the rows of the ``N x N`` similarity."""
+def row_ranges(s: Setup, samples: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
+    """The anchor rows of the ``N x N`` similarity: all of them, or both views' rows of the
+    samples ``[start, stop)`` (the distributed form: one rank's share of the gathered batch)."""
+    if samples is None:
+        return [(0, s.n)]
+    start, stop = samples
+    return [(start, stop), (s.batch + start, s.batch + stop)]
+
+
+def _blocks(feats: torch.Tensor, s: Setup, samples: Optional[tuple[int, int]] = None):
+    """Yield ``(block, similarity rows)`` over the anchor rows (:func:`row_ranges`) of the
+    ``N x N`` similarity; the columns are always all ``N``."""
     step = chunk_rows(s.n)
-    for r0 in range(0, s.n, step):
-        blk = _Block(r0, min(s.n, r0 + step), s.batch, feats.device, feats.dtype)
-        yield blk, feats[blk.rows] @ feats.T
+    for lo, hi in row_ranges(s, samples):
+        for r0 in range(lo, hi, step):
+            blk = _Block(r0, min(hi, r0 + step), s.batch, feats.device, feats.dtype)
+            yield blk, feats[blk.rows] @ feats.T
 
 
-def forward_rows(feats, s: Setup):
+def forward_rows(feats, s: Setup, samples: Optional[tuple[int, int]] = None):
     """The streamed part of the forward: ``(loss_sum (M,), g_pos (G,), col_sums [3 x (N, G)])``.
 
     ``loss_sum`` is ``sum_a w2 (log Z - x_pos)``, ``g_pos`` the positive slot's gradient and
-    ``col_sums[b] = (K * band_b)^T @ rc`` the band column reductions of the penalty.
+    ``col_sums[b] = (K * band_b)^T @ rc`` the band column reductions of the penalty. All three
+    are sums over the anchor rows: with ``samples`` (:func:`row_ranges`) the partial sums of
+    those rows.
     """
     temperature, irm_temperature = s.spec.temperature, s.spec.irm_temperature
     loss_sum = torch.zeros_like(s.total)
     g_pos = torch.zeros(s.w2g.shape[1], dtype=feats.dtype, device=feats.device)
     col_sums = [torch.zeros_like(s.w2g) for _ in SHIFTS]
-    for blk, sim in _blocks(feats, s):
+    for blk, sim in _blocks(feats, s, samples):
         r = blk.rows
         p = _path(sim, blk, s, temperature)
         loss_sum = loss_sum + (s.w2[r] * _per_anchor(p, s.kappa[r])).sum(0)
@@ -146,8 +160,10 @@ def _forward(z1, z2, w, spec: EnvContrastiveSpec):
     return loss, penalty_of(s, g), g
 
 
-def backward_rows(feats, s: Setup, d_loss, normc, col_factors, gamma0):
-    """The streamed part of the backward (one pass over row blocks).
+def backward_rows(feats, s: Setup, d_loss, normc, col_factors, gamma0,
+                  samples: Optional[tuple[int, int]] = None):
+    """The streamed part of the backward (one pass over row blocks; with ``samples`` over those
+    anchor rows only, giving the gradient of the partial sums w.r.t. every row of ``feats``).
 
     Returns ``d_feats (N, D)`` and, in soft mode, the partial weight gradients: ``d_w2`` (N, M)
     (anchor weights of the loss and the column weights of the row sums), ``d_kappa`` (N, M),
@@ -161,7 +177,7 @@ def backward_rows(feats, s: Setup, d_loss, normc, col_factors, gamma0):
     d_gw = torch.zeros_like(s.w2g)
     col_sums = [torch.zeros_like(s.w2g) for _ in SHIFTS] if soft else None
     loss_sum = torch.zeros_like(s.total)
-    for blk, sim in _blocks(feats, s):
+    for blk, sim in _blocks(feats, s, samples):
         r = blk.rows
         # ---- loss path: loss_m = sum_a w2 (log Z - x_pos + shift) / norm
         p = _path(sim, blk, s, temperature)
@@ -217,6 +233,13 @@ def backward_rows(feats, s: Setup, d_loss, normc, col_factors, gamma0):
     return d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum
 
 
+def _column_factors(s: Setup, gamma: torch.Tensor):
+    """``gamma`` (G, slots) per band as the slot gradient seen by every column, and the column
+    factors (N, G) of the backward."""
+    gammas = slot_gather(s, gamma, len(SHIFTS))
+    return gammas, [gam * s.w2g for gam in gammas]
+
+
 def _backward(z1, z2, w, g, d_loss, d_pen, spec: EnvContrastiveSpec):
     """Closed-form gradients w.r.t. z1, z2 and (soft) w, recomputing the similarity by rows."""
     feats = torch.cat([z1, z2])
@@ -225,12 +248,9 @@ def _backward(z1, z2, w, g, d_loss, d_pen, spec: EnvContrastiveSpec):
     d_loss = d_loss * s.valid
     normc = s.norm.clamp_min(1e-30)
     gamma = penalty_cotangent(s, g, d_pen)                                     # (G, slots)
-    gamma0 = gamma[:, 0]
-    # Gamma per band: the slot gradient seen by column c, as a column factor (N, G)
-    gammas = slot_gather(s, gamma, len(SHIFTS))
-    col_factors = [gam * s.w2g for gam in gammas]
+    gammas, col_factors = _column_factors(s, gamma)
     d_feats, d_w2, d_kappa, d_gw, col_sums, loss_sum = backward_rows(
-        feats, s, d_loss, normc, col_factors, gamma0)
+        feats, s, d_loss, normc, col_factors, gamma[:, 0])
     d_w = None
     if soft:
         if not s.nonorm:
@@ -288,3 +308,46 @@ def env_contrastive_loss_torch(z1: torch.Tensor, z2: torch.Tensor, env_weights: 
     if not spec.soft:
         w = w.detach()
     return _EnvContrastive.apply(z1.to(dtype), z2.to(dtype), w, spec)
+
+
+class _EnvPartials(torch.autograd.Function):
+    """The distributed form (hard mode): the partial loss sums and slot gradients of the anchors
+    of ``samples``; the backward takes the slot gradients' cotangent directly."""
+
+    @staticmethod
+    def forward(ctx, z1, z2, w, spec, samples):
+        s = Setup(w, spec)
+        loss_sum, g_pos, col_sums = forward_rows(torch.cat([z1, z2]), s, samples)
+        ctx.save_for_backward(z1, z2, w)
+        ctx.spec, ctx.samples = spec, samples
+        return s.valid * loss_sum / s.norm.clamp_min(1e-30), slot_gradient(s, col_sums, g_pos)
+
+    @staticmethod
+    def backward(ctx, d_loss, d_g):
+        z1, z2, w = ctx.saved_tensors
+        s = Setup(w, ctx.spec)
+        if d_loss is None:
+            d_loss = torch.zeros_like(s.total)
+        if d_g is None:
+            d_g = torch.zeros(s.w2g.shape[1], s.slots, dtype=z1.dtype, device=z1.device)
+        _, col_factors = _column_factors(s, d_g)
+        d_feats = backward_rows(torch.cat([z1, z2]), s, d_loss * s.valid,
+                                s.norm.clamp_min(1e-30), col_factors, d_g[:, 0],
+                                samples=ctx.samples)[0]
+        return d_feats[:s.batch], d_feats[s.batch:], None, None, None
+
+
+def env_contrastive_partials_torch(z1: torch.Tensor, z2: torch.Tensor, env_weights: torch.Tensor,
+                                   spec: EnvContrastiveSpec, samples: tuple[int, int]
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's distributed form on the torch backend (inputs validated by
+    :func:`fastipirm.ops.env_contrastive.env_contrastive_partials`)."""
+    dtype = _compute_dtype(z1.dtype)
+    return _EnvPartials.apply(z1.to(dtype), z2.to(dtype), env_weights.to(dtype).detach(), spec,
+                              (int(samples[0]), int(samples[1])))
+
+
+def env_penalty_torch(slot_grads: torch.Tensor, env_weights: torch.Tensor,
+                      spec: EnvContrastiveSpec) -> torch.Tensor:
+    """The penalty (M,) of complete slot gradients (differentiable w.r.t. them)."""
+    return penalty_of(Setup(env_weights.to(slot_grads.dtype).detach(), spec), slot_grads)
