@@ -36,6 +36,11 @@ gradients ``g`` are kept between forward and backward. The fused kernels impleme
 formulas tile by tile. What only depends on the weights (kappa, norms, ranks, row groups) and the
 assembly of the penalty from the band sums (scatter to slots, ``g`` -> penalty, ``Gamma``) are
 shared with the fused glue: :mod:`fastipirm.ops.env_weights`.
+
+The distributed form (:func:`env_contrastive_partials_torch`, hard mode) streams over one
+rank's anchor rows only (``samples``: both views' rows of a range of samples): every forward
+quantity above is a sum over rows, so it returns exact partial sums of the loss and of ``g``,
+and its backward takes ``Gamma = dL/dg`` directly (``docs/distributed.md#gradients``).
 """
 from __future__ import annotations
 
