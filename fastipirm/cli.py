@@ -127,13 +127,10 @@ def _cmd_train(args) -> int:
                   file=sys.stderr)
             return 2
         from . import distributed
-        try:
-            run(cfg, resume=args.resume)
-        except BaseException:
-            # no barrier on the way out: the other ranks wait in another collective (a failing
-            # rank exits, torchrun then stops the others; docs/distributed.md#process-group)
-            distributed.abandon()
-            raise
+        run(cfg, resume=args.resume)
+        # after a good run only: a failing rank must not wait at shutdown's barrier while the
+        # other ranks wait in another collective; it exits and torchrun stops them
+        # (docs/distributed.md#process-group)
         distributed.shutdown()
     except _expected_errors() as exc:
         return _report(exc)

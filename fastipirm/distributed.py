@@ -118,14 +118,6 @@ def shutdown() -> None:
             dist.destroy_process_group()
     _created_group = False
 
-def abandon() -> None:
-    """Forget the process group without a barrier or a collective (a rank that failed: the
-    others are blocked in some other collective, which a barrier would never match); the process
-    should exit next, and torchrun then stops the other ranks."""
-    global _created_group
-    _created_group = False
-
-
 def main_only(fn: Callable) -> Callable:
     """``fn`` on rank 0, a no-op returning None elsewhere (for ``log`` callbacks)."""
     def guarded(*args, **kwargs):

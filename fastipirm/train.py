@@ -190,7 +190,6 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
                "img_per_s": steps * t.batch_size / train_seconds, "epoch_seconds": train_seconds}
         if main:                                  # evaluation once, on rank 0
             row.update(evaluation.after_epoch(epoch, plain_forward))
-        distributed.barrier()
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         history.append(row)
@@ -206,6 +205,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, log: Callable[[str], Non
                          "scaler": scaler.state_dict(), "method": method.state_dict(),
                          "rng": capture_rng(device, {"augment": aug_gen}), "history": history},
                         ckpt_path)
+        # the other ranks go on once rank 0 has evaluated and its checkpoint is on disk: a rank
+        # that fails in the next epoch (torchrun then stops rank 0) cannot cut this epoch's save
+        distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, {"row": row, "step": step, "method": method})
     runlog.close()

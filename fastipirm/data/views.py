@@ -60,6 +60,7 @@ class TwoViewBatches:
                  generator: Optional[torch.Generator] = None,
                  shard: Optional[tuple[int, int]] = None):
         self.device = torch.device(device)
+        self.shard = shard
         self.rows = None if shard is None else share_rows(batch_size, *shard)
         self.pipeline = choose_pipeline(pipeline, self.device)
         self.augment = TwoViewAugment(out_size=out_size, scale=scale).to(self.device)
@@ -85,7 +86,8 @@ class TwoViewBatches:
         if self.dali is not None:
             self.dali.set_epoch(epoch)
             for batch in self.dali:
-                yield batch if self.rows is None else tuple(t[self.rows] for t in batch)
+                yield batch if self.shard is None else rank_share(batch, self.shard[1],
+                                                                  self.shard[0])
             return
         self.loader.set_epoch(epoch)
         for indices, images in self.loader:

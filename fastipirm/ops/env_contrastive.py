@@ -7,6 +7,7 @@ import torch
 
 from .backends import resolve_backend
 from .spec import EnvContrastiveSpec
+from .torch_backend import env_contrastive_partials_torch, env_penalty_torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # the keyword options of env_contrastive_loss and their defaults (a spec= replaces them all)
@@ -218,7 +219,6 @@ def env_contrastive_partials(z1: torch.Tensor, z2: torch.Tensor, env_weights: to
     if not 0 <= start < stop <= z1.shape[0]:
         raise ValueError(f"samples must be a non-empty range [start, stop) inside the batch of "
                          f"{z1.shape[0]}, got {tuple(samples)}")
-    from .torch_backend import env_contrastive_partials_torch
     if not env_weights.is_floating_point():
         env_weights = env_weights.to(torch.float32)
     return env_contrastive_partials_torch(z1, z2, env_weights, spec, (start, stop))
@@ -228,7 +228,6 @@ def env_penalty(slot_grads: torch.Tensor, env_weights: torch.Tensor, *,
                 penalty: str = "slot") -> torch.Tensor:
     """The penalty (M,) of :func:`env_contrastive_partials`'s slot gradients once they are summed
     over all the shares (differentiable w.r.t. them; 0 for an empty environment)."""
-    from .torch_backend import env_penalty_torch
     spec = EnvContrastiveSpec.of(None, temperature=1.0, irm_temperature=1.0, soft=False,
                                  penalty=penalty)
     if not env_weights.is_floating_point():
